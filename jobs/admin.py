@@ -1,0 +1,60 @@
+from django.contrib import admin
+
+from .models import Artifact, BaseModel, Dataset, Job, JobEvent, Membership, Metric, Team, Worker
+
+
+class MembershipInline(admin.TabularInline):
+    model = Membership
+    extra = 1
+
+
+@admin.register(Team)
+class TeamAdmin(admin.ModelAdmin):
+    list_display = ["name", "created_at"]
+    inlines = [MembershipInline]
+
+
+@admin.register(BaseModel)
+class BaseModelAdmin(admin.ModelAdmin):
+    list_display = ["name", "task", "architecture", "path"]
+
+
+@admin.register(Dataset)
+class DatasetAdmin(admin.ModelAdmin):
+    list_display = ["name", "team", "format", "rows", "is_valid", "created_at"]
+    list_filter = ["team", "format", "is_valid"]
+
+
+class JobEventInline(admin.TabularInline):
+    model = JobEvent
+    extra = 0
+    readonly_fields = ["created_at", "kind", "from_status", "to_status", "message"]
+    can_delete = False
+
+
+@admin.register(Job)
+class JobAdmin(admin.ModelAdmin):
+    list_display = ["id", "name", "team", "base_model", "status", "step", "total_steps", "created_at"]
+    list_filter = ["status", "team"]
+    # Status is changed only through jobs.lifecycle, never by editing the row.
+    readonly_fields = ["status", "started_at", "finished_at", "cancel_requested_at"]
+    inlines = [JobEventInline]
+
+
+@admin.register(Metric)
+class MetricAdmin(admin.ModelAdmin):
+    list_display = ["job", "step", "train_loss", "eval_loss", "tokens_per_sec"]
+    list_filter = ["job"]
+
+
+@admin.register(Artifact)
+class ArtifactAdmin(admin.ModelAdmin):
+    list_display = ["job", "kind", "size", "sha256", "created_at"]
+
+
+@admin.register(Worker)
+class WorkerAdmin(admin.ModelAdmin):
+    list_display = ["hostname", "accelerator", "is_online", "last_heartbeat", "current_job"]
+
+
+admin.site.register(Membership)

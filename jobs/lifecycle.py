@@ -1,0 +1,86 @@
+"""The one place where a job's status changes.
+
+Every change is a compare-and-set on the status the caller saw, checked against
+the table of allowed transitions, and writes a JobEvent in the same
+transaction. Claiming a queued job is such a change, which is what makes a
+second delivery of the same Celery message do nothing.
+"""
+
+from django.db import transaction
+from django.utils import timezone
+
+from .models import Job, JobEvent
+
+Status = Job.Status
+
+ALLOWED_TRANSITIONS = {
+    Status.QUEUED: {Status.RUNNING, Status.CANCELLED},
+    Status.RUNNING: {Status.SUCCEEDED, Status.FAILED, Status.CANCELLED},
+    Status.SUCCEEDED: set(),
+    Status.FAILED: set(),
+    Status.CANCELLED: set(),
+}
+TERMINAL_STATUSES = {status for status, targets in ALLOWED_TRANSITIONS.items() if not targets}
+
+
+class TransitionNotAllowed(Exception):
+    pass
+
+
+class JobChangedMeanwhile(Exception):
+    """Somebody else changed the job's status between our read and our write."""
+
+
+def transition(job, to_status, message, **fields):
+    """Move `job` from the status it has in memory to `to_status`, or raise."""
+    from_status = job.status
+    if to_status not in ALLOWED_TRANSITIONS[from_status]:
+        raise TransitionNotAllowed(f"a {from_status} job cannot become {to_status}")
+    now = timezone.now()
+    if to_status == Status.RUNNING:
+        fields.setdefault("started_at", now)
+    if to_status in TERMINAL_STATUSES:
+        fields.setdefault("finished_at", now)
+    with transaction.atomic():
+        changed = Job.objects.filter(pk=job.pk, status=from_status).update(status=to_status, **fields)
+        if not changed:
+            raise JobChangedMeanwhile(f"job {job.pk} is no longer {from_status}")
+        JobEvent.objects.create(
+            job=job, kind=JobEvent.Kind.STATUS, from_status=from_status, to_status=to_status, message=message
+        )
+    job.refresh_from_db()
+    return job
+
+
+def claim(job_id, worker):
+    """Take a queued job for `worker`; None if it is gone or no longer queued."""
+    job = Job.objects.filter(pk=job_id).first()
+    if job is None or job.status != Status.QUEUED:
+        return None
+    if job.cancel_requested_at:
+        return None
+    try:
+        return transition(job, Status.RUNNING, f"started on {worker.hostname}", worker=worker)
+    except (TransitionNotAllowed, JobChangedMeanwhile):
+        return None
+
+
+def request_cancel(job, by_user=None):
+    """Cancel a queued job at once; ask the worker of a running job to stop it."""
+    who = f" by {by_user}" if by_user else ""
+    if job.status == Status.QUEUED:
+        try:
+            return transition(job, Status.CANCELLED, f"cancelled{who} before it started", cancel_requested_at=timezone.now())
+        except JobChangedMeanwhile:
+            job.refresh_from_db()
+    if job.status == Status.RUNNING:
+        if not job.cancel_requested_at:
+            Job.objects.filter(pk=job.pk).update(cancel_requested_at=timezone.now())
+            JobEvent.objects.create(job=job, message=f"cancel requested{who}; stopping the trainer")
+        job.refresh_from_db()
+        return job
+    raise TransitionNotAllowed(f"a {job.status} job cannot be cancelled")
+
+
+def log_event(job, message, kind=JobEvent.Kind.INFO):
+    return JobEvent.objects.create(job=job, kind=kind, message=message)

@@ -1,0 +1,255 @@
+import uuid
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+
+class Team(models.Model):
+    name = models.CharField(max_length=100, unique=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self):
+        return self.name
+
+
+class Membership(models.Model):
+    class Role(models.TextChoices):
+        MEMBER = "member"
+        ADMIN = "admin"
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="memberships")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships")
+    role = models.CharField(max_length=10, choices=Role.choices, default=Role.MEMBER)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["team", "user"], name="one_membership_per_team")]
+
+    def __str__(self):
+        return f"{self.user} in {self.team} ({self.role})"
+
+
+class BaseModel(models.Model):
+    """An entry of the catalogue of base models a job can start from."""
+
+    class Architecture(models.TextChoices):
+        LLAMA = "llama", "Llama-style decoder"
+        BERT = "bert", "BERT-style encoder"
+
+    name = models.CharField(max_length=200, unique=True)
+    path = models.CharField(max_length=500, help_text="local directory or hub id, read with from_pretrained")
+    task = models.CharField(max_length=40, choices=[("causal_lm_sft", "Causal LM"), ("sequence_classification", "Classification")])
+    architecture = models.CharField(max_length=20, choices=Architecture.choices)
+    description = models.TextField(blank=True)
+    suggested_settings = models.JSONField(
+        default=dict, blank=True, help_text="new-job form values that suit this model, e.g. {\"learning_rate\": 0.01}"
+    )
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self):
+        return self.name
+
+
+def dataset_upload_path(dataset, filename):
+    # Never the user's file name: paths are generated, so no upload can pick where it lands.
+    return f"datasets/team-{dataset.team_id}/{uuid.uuid4().hex}"
+
+
+class Dataset(models.Model):
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="datasets")
+    uploaded_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True)
+    name = models.CharField(max_length=200)
+    original_filename = models.CharField(max_length=255)
+    file = models.FileField(upload_to=dataset_upload_path)
+    size = models.BigIntegerField()
+    sha256 = models.CharField(max_length=64)
+    format = models.CharField(max_length=30, blank=True)
+    column_map = models.JSONField(default=dict, blank=True)
+    rows = models.IntegerField(default=0)
+    is_valid = models.BooleanField(default=False)
+    problems = models.JSONField(default=list, blank=True)
+    problem_count = models.IntegerField(default=0)
+    stats = models.JSONField(default=dict, blank=True)
+    preview = models.JSONField(default=list, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self):
+        return self.name
+
+    @property
+    def kind(self):
+        from .datasets import FORMATS
+
+        return FORMATS[self.format][0] if self.format in FORMATS else None
+
+    @property
+    def problems_not_shown(self):
+        return max(0, self.problem_count - len(self.problems))
+
+
+class Job(models.Model):
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+        CANCELLED = "cancelled"
+
+    ACTIVE_STATUSES = (Status.QUEUED, Status.RUNNING)
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="jobs")
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True)
+    name = models.CharField(max_length=200, blank=True)
+    base_model = models.ForeignKey(BaseModel, on_delete=models.PROTECT, related_name="jobs")
+    dataset = models.ForeignKey(Dataset, on_delete=models.PROTECT, related_name="jobs")
+    spec = models.JSONField(help_text="a JobSpec, validated at submission")
+    # Changed only through jobs.lifecycle, which checks the transition and writes a JobEvent.
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    priority = models.IntegerField(default=0)
+    queue = models.CharField(max_length=50, default="training")
+    worker = models.ForeignKey("Worker", on_delete=models.SET_NULL, null=True, blank=True, related_name="jobs")
+    cancel_requested_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    step = models.IntegerField(default=0)
+    total_steps = models.IntegerField(null=True, blank=True)
+    tokens_seen = models.BigIntegerField(default=0)
+    tokens_per_sec = models.FloatField(null=True, blank=True)
+    train_loss = models.FloatField(null=True, blank=True)
+    eval_loss = models.FloatField(null=True, blank=True)
+    eval_accuracy = models.FloatField(null=True, blank=True)
+    trainable_params = models.BigIntegerField(null=True, blank=True)
+    total_params = models.BigIntegerField(null=True, blank=True)
+    wall_time_s = models.FloatField(null=True, blank=True)
+    error_message = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self):
+        return self.display_name
+
+    @property
+    def display_name(self):
+        return self.name or f"job-{self.pk}"
+
+    @property
+    def is_active(self):
+        return self.status in self.ACTIVE_STATUSES
+
+    @property
+    def method_name(self):
+        return self.spec.get("method", {}).get("type", "lora")
+
+    @property
+    def progress_percent(self):
+        if not self.total_steps:
+            return 0
+        return min(100, round(100 * self.step / self.total_steps))
+
+    @property
+    def trainable_percent(self):
+        if not self.trainable_params or not self.total_params:
+            return None
+        return 100 * self.trainable_params / self.total_params
+
+    @property
+    def eta(self):
+        """Time left, extrapolated from the steps done so far."""
+        if self.status != self.Status.RUNNING or not self.started_at or not self.step or not self.total_steps:
+            return None
+        elapsed = timezone.now() - self.started_at
+        return elapsed / self.step * (self.total_steps - self.step)
+
+    @property
+    def duration(self):
+        if not self.started_at:
+            return None
+        return (self.finished_at or timezone.now()) - self.started_at
+
+
+class JobEvent(models.Model):
+    class Kind(models.TextChoices):
+        STATUS = "status"
+        INFO = "info"
+        ERROR = "error"
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="events")
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    kind = models.CharField(max_length=10, choices=Kind.choices, default=Kind.INFO)
+    from_status = models.CharField(max_length=20, blank=True)
+    to_status = models.CharField(max_length=20, blank=True)
+    message = models.TextField()
+
+    class Meta:
+        ordering = ["created_at", "id"]
+
+    def __str__(self):
+        return f"{self.job_id} {self.kind}: {self.message}"
+
+
+class Metric(models.Model):
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="metrics")
+    step = models.IntegerField()
+    epoch = models.FloatField(null=True)
+    train_loss = models.FloatField(null=True)
+    eval_loss = models.FloatField(null=True)
+    eval_accuracy = models.FloatField(null=True)
+    learning_rate = models.FloatField(null=True)
+    tokens_per_sec = models.FloatField(null=True)
+    tokens_seen = models.BigIntegerField(null=True)
+    gpu_memory_mb = models.FloatField(null=True)
+    cpu_memory_mb = models.FloatField(null=True)
+
+    class Meta:
+        ordering = ["step", "id"]
+        indexes = [models.Index(fields=["job", "step"])]
+
+
+def artifact_upload_path(artifact, filename):
+    return f"artifacts/team-{artifact.job.team_id}/job-{artifact.job_id}/{uuid.uuid4().hex}-{artifact.kind}.zip"
+
+
+class Artifact(models.Model):
+    class Kind(models.TextChoices):
+        ADAPTER = "adapter", "Adapter (PEFT, zip)"
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="artifacts")
+    kind = models.CharField(max_length=20, choices=Kind.choices)
+    file = models.FileField(upload_to=artifact_upload_path, max_length=300)
+    size = models.BigIntegerField()
+    sha256 = models.CharField(max_length=64)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    @property
+    def download_name(self):
+        return f"{self.job.display_name}-{self.kind}.zip"
+
+
+class Worker(models.Model):
+    hostname = models.CharField(max_length=255, unique=True)
+    queues = models.CharField(max_length=255, default="training")
+    accelerator = models.CharField(max_length=255, blank=True)
+    pid = models.IntegerField(null=True)
+    is_online = models.BooleanField(default=True)
+    started_at = models.DateTimeField(default=timezone.now)
+    last_heartbeat = models.DateTimeField(default=timezone.now)
+    current_job = models.ForeignKey(Job, on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
+
+    class Meta:
+        ordering = ["hostname"]
+
+    def __str__(self):
+        return self.hostname
+
+    @property
+    def seconds_since_heartbeat(self):
+        return (timezone.now() - self.last_heartbeat) / timedelta(seconds=1)

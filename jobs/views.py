@@ -1,0 +1,142 @@
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.http import FileResponse
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_POST
+
+from . import lifecycle
+from .charts import loss_chart
+from .datasets import KIND_OF_TASK
+from .forms import DatasetUploadForm, JobForm
+from .models import Artifact, BaseModel, Dataset, Job, Worker
+from .submission import SubmissionError, submit_job
+from .teams import current_team, get_visible_or_404, visible
+
+
+@login_required
+def dashboard(request):
+    jobs = visible(request.user, Job.objects.select_related("base_model", "dataset"))
+    context = {
+        "active_jobs": jobs.filter(status__in=Job.ACTIVE_STATUSES).order_by("created_at"),
+        "recent_jobs": jobs.exclude(status__in=Job.ACTIVE_STATUSES).order_by("-finished_at")[:10],
+        "workers": Worker.objects.select_related("current_job"),
+        "team": current_team(request.user),
+    }
+    template = "jobs/_dashboard_live.html" if request.htmx else "jobs/dashboard.html"
+    return render(request, template, context)
+
+
+@login_required
+def dataset_list(request):
+    team = current_team(request.user)
+    form = DatasetUploadForm()
+    if request.method == "POST":
+        form = DatasetUploadForm(request.POST, request.FILES)
+        if team is None:
+            form.add_error(None, "you belong to no team yet; ask an admin to add you to one")
+        elif form.is_valid():
+            dataset = form.save(team, request.user)
+            if dataset.is_valid:
+                messages.success(request, f"{dataset.name}: {dataset.rows} rows in {dataset.format} format")
+            else:
+                messages.error(request, f"{dataset.name} has {dataset.problem_count} problem(s); see below")
+            return redirect("dataset_detail", dataset.pk)
+    datasets = visible(request.user, Dataset.objects.all())
+    return render(request, "jobs/dataset_list.html", {"datasets": datasets, "form": form})
+
+
+@login_required
+def dataset_detail(request, pk):
+    dataset = get_visible_or_404(request.user, Dataset.objects.all(), pk=pk)
+    return render(request, "jobs/dataset_detail.html", {"dataset": dataset})
+
+
+@login_required
+def job_list(request):
+    jobs = visible(request.user, Job.objects.select_related("base_model", "dataset"))
+    status = request.GET.get("status")
+    if status in Job.Status.values:
+        jobs = jobs.filter(status=status)
+    template = "jobs/_job_rows.html" if request.htmx else "jobs/job_list.html"
+    return render(request, template, {"jobs": jobs[:200], "statuses": Job.Status.values, "status": status,
+                                      "any_active": any(job.is_active for job in jobs[:200])})
+
+
+@login_required
+def job_new(request):
+    team = current_team(request.user)
+    if team is None:
+        messages.error(request, "you belong to no team yet; ask an admin to add you to one")
+        return redirect("dashboard")
+    form = JobForm(request.POST or None, team=team, initial=_new_job_initial(request.GET, team))
+    if request.method == "POST" and form.is_valid():
+        try:
+            job = submit_job(team, request.user, form.spec, name=form.cleaned_data["name"])
+        except SubmissionError as error:
+            form.add_error(error.field if error.field in form.fields else None, error.message)
+        else:
+            messages.success(request, f"{job.display_name} is queued")
+            return redirect("job_detail", job.pk)
+    suggestions = {model.name: model.suggested_settings for model in BaseModel.objects.all()}
+    return render(request, "jobs/job_new.html", {"form": form, "suggestions": suggestions})
+
+
+def _new_job_initial(query, team):
+    """Preselect the dataset asked for, a base model that fits it, and that model's suggested settings."""
+    dataset = Dataset.objects.filter(team=team, is_valid=True, pk=query.get("dataset") or 0).first()
+    base_model = BaseModel.objects.filter(name=query.get("base_model", "")).first()
+    if base_model is None and dataset is not None:
+        task = next(task for task, kind in KIND_OF_TASK.items() if kind == dataset.kind)
+        base_model = BaseModel.objects.filter(task=task).first()
+    base_model = base_model or BaseModel.objects.first()
+    initial = dict(base_model.suggested_settings) if base_model else {}
+    if base_model:
+        initial["base_model"] = base_model.name
+    if dataset:
+        initial["dataset"] = dataset.pk
+    return initial
+
+
+def _job_context(request, pk):
+    job = get_visible_or_404(request.user, Job.objects.select_related("base_model", "dataset", "worker"), pk=pk)
+    return {
+        "job": job,
+        "chart": loss_chart(list(job.metrics.all())),
+        "events": list(job.events.order_by("-created_at", "-id")[:50]),
+        "artifacts": list(job.artifacts.all()),
+    }
+
+
+@login_required
+def job_detail(request, pk):
+    return render(request, "jobs/job_detail.html", _job_context(request, pk))
+
+
+@login_required
+def job_live(request, pk):
+    """The part of the job page that refreshes itself while the job runs."""
+    return render(request, "jobs/_job_live.html", _job_context(request, pk))
+
+
+@login_required
+@require_POST
+def job_cancel(request, pk):
+    job = get_visible_or_404(request.user, Job.objects.all(), pk=pk)
+    try:
+        lifecycle.request_cancel(job, by_user=request.user)
+    except lifecycle.TransitionNotAllowed as error:
+        messages.error(request, str(error))
+    else:
+        messages.info(request, "cancelled" if job.status == Job.Status.CANCELLED else "stopping the trainer…")
+    return redirect("job_detail", job.pk)
+
+
+@login_required
+def artifact_download(request, pk):
+    artifact = get_visible_or_404(request.user, Artifact.objects.select_related("job"), pk=pk)
+    return FileResponse(artifact.file.open("rb"), as_attachment=True, filename=artifact.download_name)
+
+
+@login_required
+def worker_list(request):
+    return render(request, "jobs/worker_list.html", {"workers": Worker.objects.select_related("current_job")})

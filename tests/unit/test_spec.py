@@ -1,0 +1,50 @@
+import pytest
+from pydantic import ValidationError
+
+from jobs.spec import JobSpec
+
+
+def error_fields(data):
+    with pytest.raises(ValidationError) as caught:
+        JobSpec.model_validate(data)
+    return {".".join(str(part) for part in error["loc"]) for error in caught.value.errors()}
+
+
+def test_defaults_make_a_lora_job():
+    spec = JobSpec.model_validate({"base_model": "tiny-random-llama", "dataset": 3})
+    assert spec.task == "causal_lm_sft"
+    assert spec.method.type == "lora"
+    assert (spec.method.r, spec.method.alpha, spec.method.target_modules) == (8, 16, "attention_qv")
+    assert spec.hyperparameters.learning_rate == 2e-4
+
+
+def test_bad_values_are_refused_with_the_field_named():
+    fields = error_fields({
+        "base_model": "m",
+        "dataset": 1,
+        "method": {"r": 0, "dropout": 1.5},
+        "hyperparameters": {"learning_rate": -1, "batch_size": 0},
+    })
+    assert fields == {"method.r", "method.dropout", "hyperparameters.learning_rate", "hyperparameters.batch_size"}
+
+
+def test_unknown_fields_are_refused_not_ignored():
+    assert error_fields({"base_model": "m", "dataset": 1, "hyperparameters": {"learnin_rate": 0.1}}) == {
+        "hyperparameters.learnin_rate"
+    }
+
+
+def test_missing_base_model_and_unknown_task():
+    assert error_fields({"dataset": 1, "task": "translation"}) == {"base_model", "task"}
+
+
+def test_custom_target_modules_must_name_something():
+    with pytest.raises(ValidationError, match="target_modules"):
+        JobSpec.model_validate({"base_model": "m", "dataset": 1, "method": {"target_modules": [" ", ""]}})
+    spec = JobSpec.model_validate({"base_model": "m", "dataset": 1, "method": {"target_modules": [" q_proj", "v_proj "]}})
+    assert spec.method.target_modules == ["q_proj", "v_proj"]
+
+
+def test_spec_round_trips_through_json():
+    spec = JobSpec.model_validate({"base_model": "m", "dataset": 1, "hyperparameters": {"max_steps": 30}})
+    assert JobSpec.model_validate_json(spec.model_dump_json()) == spec

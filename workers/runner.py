@@ -1,0 +1,250 @@
+"""Running one claimed job: spawn the trainer child, report its progress, record the end.
+
+The trainer is a child process (`python -m workers.training SPEC OUTDIR`) so a
+crash, an out-of-memory or a cancel kills the child, never the worker, and the
+GPU memory is freed when it exits. It talks to us in JSON lines on its stdout.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+from django.conf import settings
+from django.core.files import File
+
+from jobs import lifecycle
+from jobs.models import Artifact, Job, Metric
+from jobs.spec import JobSpec, TrainingRun
+
+log = logging.getLogger(__name__)
+
+STOP_GRACE_SECONDS = 10
+STDERR_TAIL_BYTES = 4000
+
+
+def prepare_workdir(job):
+    """Copy the dataset next to the spec: the engine reads plain local files only."""
+    workdir = Path(settings.WORKER_RUNS_DIR) / f"job-{job.pk}"
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    (workdir / "out").mkdir(parents=True)
+    # The suffix tells the reader the container (CSV, TSV, JSON array or JSON Lines).
+    dataset_path = workdir / ("dataset" + (Path(job.dataset.original_filename).suffix.lower() or ".jsonl"))
+    with job.dataset.file.open("rb") as source, open(dataset_path, "wb") as target:
+        shutil.copyfileobj(source, target)
+    run = TrainingRun(
+        spec=JobSpec.model_validate(job.spec),
+        model_path=job.base_model.path,
+        dataset_path=str(dataset_path),
+        dataset_format=job.dataset.format,
+        column_map=job.dataset.column_map,
+    )
+    spec_path = workdir / "spec.json"
+    spec_path.write_text(run.model_dump_json(indent=2))
+    return workdir, spec_path
+
+
+def start_trainer(spec_path, outdir, stderr_file):
+    env = os.environ | {"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "workers.training", str(spec_path), str(outdir)],
+        stdout=subprocess.PIPE,
+        stderr=stderr_file,
+        cwd=settings.BASE_DIR,
+        env=env,
+        start_new_session=True,  # its own process group, so a stop reaches its children too
+    )
+
+
+def stop_trainer(process):
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(STOP_GRACE_SECONDS)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    except ProcessLookupError:
+        pass
+
+
+def read_lines_into(stream, lines):
+    for raw in stream:
+        lines.put(raw)
+    lines.put(None)
+
+
+class ProgressReporter:
+    """Turns progress events into Metric rows and Job fields, writing at most once per interval."""
+
+    def __init__(self, job):
+        self.job = job
+        self.pending_metrics = []
+        self.job_fields = {}
+        self.finished = None
+        self.error = None
+        self.adapter_dir = None
+
+    def handle(self, event):
+        kind = event.get("event")
+        if kind == "started":
+            self.job_fields.update(
+                total_steps=event["total_steps"],
+                trainable_params=event["trainable_params"],
+                total_params=event["total_params"],
+            )
+            lifecycle.log_event(
+                self.job,
+                f"training {event['train_rows']} rows ({event['eval_rows']} held out) for "
+                f"{event['total_steps']} steps on {event['device']}",
+            )
+        elif kind == "step":
+            self.pending_metrics.append(
+                Metric(
+                    job=self.job,
+                    step=event["step"],
+                    epoch=event.get("epoch"),
+                    train_loss=event.get("train_loss"),
+                    learning_rate=event.get("learning_rate"),
+                    tokens_per_sec=event.get("tokens_per_sec"),
+                    tokens_seen=event.get("tokens_seen"),
+                    gpu_memory_mb=event.get("gpu_memory_mb"),
+                    cpu_memory_mb=event.get("cpu_memory_mb"),
+                )
+            )
+            self.job_fields.update(
+                step=event["step"],
+                train_loss=event.get("train_loss"),
+                tokens_per_sec=event.get("tokens_per_sec"),
+                tokens_seen=event.get("tokens_seen") or 0,
+            )
+        elif kind == "eval":
+            self.pending_metrics.append(
+                Metric(
+                    job=self.job,
+                    step=event["step"],
+                    eval_loss=event.get("eval_loss"),
+                    eval_accuracy=event.get("eval_accuracy"),
+                )
+            )
+            self.job_fields.update(eval_loss=event.get("eval_loss"), eval_accuracy=event.get("eval_accuracy"))
+        elif kind == "checkpoint":
+            lifecycle.log_event(self.job, f"checkpoint saved at step {event['step']}")
+        elif kind == "artifact" and event.get("kind") == "adapter":
+            self.adapter_dir = event["path"]
+        elif kind == "finished":
+            self.finished = event
+            self.job_fields.update(
+                step=event["steps"],
+                train_loss=event.get("train_loss"),
+                eval_loss=event.get("eval_loss"),
+                eval_accuracy=event.get("eval_accuracy"),
+                wall_time_s=event.get("wall_time_s"),
+            )
+        elif kind == "error":
+            self.error = event.get("message", "the trainer failed")
+        elif kind == "log":
+            lifecycle.log_event(self.job, event.get("message", ""))
+
+    def flush(self):
+        if self.pending_metrics:
+            Metric.objects.bulk_create(self.pending_metrics)
+            self.pending_metrics = []
+        if self.job_fields:
+            Job.objects.filter(pk=self.job.pk).update(**self.job_fields)
+            self.job_fields = {}
+
+
+def cancel_requested(job):
+    return Job.objects.filter(pk=job.pk, cancel_requested_at__isnull=False).exists()
+
+
+def stderr_tail(path):
+    with open(path, "rb") as file:
+        file.seek(0, os.SEEK_END)
+        file.seek(max(0, file.tell() - STDERR_TAIL_BYTES))
+        return file.read().decode("utf-8", "replace").strip()
+
+
+def run_claimed_job(job):
+    workdir, spec_path = prepare_workdir(job)
+    outdir = workdir / "out"
+    reporter = ProgressReporter(job)
+    cancelled = False
+    with open(workdir / "trainer.log", "wb") as stderr_file:
+        process = start_trainer(spec_path, outdir, stderr_file)
+        lines = queue.Queue()
+        threading.Thread(target=read_lines_into, args=(process.stdout, lines), daemon=True).start()
+        next_report = time.monotonic() + settings.WORKER_REPORT_SECONDS
+        while True:
+            try:
+                raw = lines.get(timeout=0.25)
+            except queue.Empty:
+                raw = b""
+            if raw is None:
+                break
+            if raw.strip():
+                try:
+                    reporter.handle(json.loads(raw))
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    log.warning("job %s: unreadable progress line %r", job.pk, raw[:200])
+            if time.monotonic() >= next_report:
+                reporter.flush()
+                next_report = time.monotonic() + settings.WORKER_REPORT_SECONDS
+                if not cancelled and cancel_requested(job):
+                    cancelled = True
+                    stop_trainer(process)
+        returncode = process.wait()
+    reporter.flush()
+    job.refresh_from_db()
+
+    if cancelled or (job.cancel_requested_at and returncode != 0):
+        lifecycle.transition(job, Job.Status.CANCELLED, f"cancelled at step {job.step}; the trainer was stopped")
+    elif returncode == 0 and reporter.finished and reporter.adapter_dir:
+        try:
+            store_adapter(job, outdir / reporter.adapter_dir, workdir)
+        except OSError as exc:
+            lifecycle.transition(job, Job.Status.FAILED, f"could not store the adapter: {exc}", error_message=str(exc))
+            return job
+        lifecycle.transition(job, Job.Status.SUCCEEDED, f"finished {job.step} steps, train loss {job.train_loss:.4f}")
+    else:
+        reason = reporter.error or explain_exit(returncode, workdir / "trainer.log")
+        lifecycle.transition(job, Job.Status.FAILED, f"failed: {reason}", error_message=reason)
+    return job
+
+
+def explain_exit(returncode, log_path):
+    if returncode < 0:
+        name = signal.Signals(-returncode).name
+        hint = " (killed; out of memory?)" if name == "SIGKILL" else ""
+        return f"the trainer was stopped by {name}{hint}"
+    tail = stderr_tail(log_path)
+    return f"the trainer exited with code {returncode}" + (f":\n{tail[-1500:]}" if tail else "")
+
+
+def store_adapter(job, adapter_dir, workdir):
+    """Zip the PEFT adapter, checksum it, and save it through the storage API."""
+    zip_path = workdir / "adapter.zip"
+    with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(adapter_dir.rglob("*")):
+            if path.is_file():
+                archive.write(path, path.relative_to(adapter_dir).as_posix())
+    digest = hashlib.sha256()
+    with open(zip_path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    artifact = Artifact(job=job, kind=Artifact.Kind.ADAPTER, size=zip_path.stat().st_size, sha256=digest.hexdigest())
+    with open(zip_path, "rb") as file:
+        artifact.file.save("adapter.zip", File(file), save=False)
+    artifact.save()
+    lifecycle.log_event(job, f"adapter stored ({artifact.size:,} bytes, sha256 {artifact.sha256[:12]}…)")
+    return artifact

@@ -1,0 +1,57 @@
+"""Celery tasks. Messages carry only a job id; the database says what to do with it."""
+
+import logging
+from datetime import timedelta
+
+from celery import shared_task
+from celery.signals import worker_ready, worker_shutdown
+from django.conf import settings
+from django.utils import timezone
+
+from jobs import lifecycle
+from jobs.models import Job, Worker
+
+from . import heartbeat
+from .runner import run_claimed_job
+
+log = logging.getLogger(__name__)
+
+
+@shared_task(name="workers.tasks.run_job", acks_late=True)
+def run_job(job_id):
+    from celery import current_task
+
+    hostname = current_task.request.hostname or "unknown"
+    worker = Worker.objects.filter(hostname=hostname).first() or heartbeat.register(hostname, ["training"])
+    job = lifecycle.claim(job_id, worker)
+    if job is None:
+        log.info("job %s is not claimable (already taken, finished or cancelled); nothing to do", job_id)
+        return "skipped"
+    Worker.objects.filter(pk=worker.pk).update(current_job=job)
+    try:
+        job = run_claimed_job(job)
+    except Exception as exc:
+        log.exception("job %s: the worker failed while running it", job_id)
+        job.refresh_from_db()
+        if job.status == Job.Status.RUNNING:
+            lifecycle.transition(job, Job.Status.FAILED, f"worker error: {exc}", error_message=str(exc))
+    finally:
+        Worker.objects.filter(pk=worker.pk).update(current_job=None, last_heartbeat=timezone.now())
+    return job.status
+
+
+@shared_task(name="workers.tasks.mark_silent_workers_offline")
+def mark_silent_workers_offline():
+    silent_since = timezone.now() - timedelta(seconds=settings.WORKER_OFFLINE_AFTER_SECONDS)
+    return Worker.objects.filter(is_online=True, last_heartbeat__lt=silent_since).update(is_online=False)
+
+
+@worker_ready.connect
+def _register_worker(sender, **kwargs):
+    queues = [queue.name for queue in sender.task_consumer.queues] if sender.task_consumer else ["training"]
+    heartbeat.start(sender.hostname, queues)
+
+
+@worker_shutdown.connect
+def _unregister_worker(sender, **kwargs):
+    heartbeat.stop(sender.hostname)
