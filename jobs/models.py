@@ -1,3 +1,4 @@
+import json
 import uuid
 from datetime import timedelta
 
@@ -144,6 +145,10 @@ class Job(models.Model):
     @property
     def is_active(self):
         return self.status in self.ACTIVE_STATUSES
+
+    @property
+    def spec_json(self):
+        return json.dumps(self.spec, indent=2)
 
     @property
     def method_name(self):

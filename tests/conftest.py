@@ -159,5 +159,3 @@ def celery_worker(transactional_db, redis_url, data_dirs, tmp_path, settings):
             process.wait(30)
         except subprocess.TimeoutExpired:
             process.kill()
-        # Release the broker connection pool of this process before Redis is flushed by the next test.
-        app.pool.force_close_all()

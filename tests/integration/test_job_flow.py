@@ -35,7 +35,7 @@ def job_form(dataset, **overrides):
     return {
         "name": "spine", "base_model": "tiny-random-llama", "dataset": dataset.pk,
         "r": 8, "alpha": 16, "dropout": 0.0, "target_preset": "all_linear", "custom_targets": "",
-        "epochs": 1, "max_steps": 30, "batch_size": 8, "learning_rate": 0.01, "max_seq_length": 64,
+        "epochs": 1, "max_steps": 40, "batch_size": 8, "learning_rate": 0.01, "max_seq_length": 64,
         "warmup_steps": 0, "eval_fraction": 0.1, "checkpoint_every": 10, "seed": 7,
     } | overrides
 
@@ -55,11 +55,11 @@ def test_a_job_submitted_in_the_browser_form_trains_on_the_worker_and_downloads(
 
     wait_for(lambda: finished(job), JOB_TIMEOUT, f"job to finish\n{celery_worker.log()}")
     assert job.status == "succeeded", job.error_message
-    assert job.step == job.total_steps == 30
+    assert job.step == job.total_steps == 40
     assert job.worker.hostname == celery_worker.hostname
 
     losses = list(Metric.objects.filter(job=job, train_loss__isnull=False).values_list("train_loss", flat=True))
-    assert len(losses) == 30
+    assert len(losses) == 40
     assert sum(losses[-5:]) / 5 < 0.7 * losses[0], "the loss should fall clearly"
     assert Metric.objects.filter(job=job, eval_loss__isnull=False).exists()
 

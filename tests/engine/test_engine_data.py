@@ -1,0 +1,95 @@
+"""Turning dataset rows into training examples: what the loss sees, and how rows are split and padded."""
+
+import json
+
+import pytest
+
+from workers.training.data import (
+    IGNORE_INDEX,
+    collate,
+    load_training_data,
+    split_train_eval,
+    tokenize_sft,
+)
+from workers.training.modeling import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_llama_path):
+    return load_tokenizer(tiny_llama_path)
+
+
+def test_loss_is_taken_on_the_completion_and_the_final_eos_only(tokenizer):
+    example = tokenize_sft([("reverse: abc\n", False), ("cba", True)], tokenizer, max_length=64)
+
+    prompt_ids = tokenizer("reverse: abc\n", add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer("cba", add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    assert example.input_ids == [tokenizer.bos_token_id, *prompt_ids, *completion_ids, eos]
+    assert example.labels == [IGNORE_INDEX] * (1 + len(prompt_ids)) + [*completion_ids, eos]
+
+
+def test_chat_turns_train_on_the_assistant_only(tokenizer):
+    segments = [("<|user|>\n", False), ("hi\n", False), ("<|assistant|>\n", False), ("hello\n", True)]
+    example = tokenize_sft(segments, tokenizer, max_length=64)
+
+    trained = [token for token in example.labels if token != IGNORE_INDEX]
+    assert tokenizer.decode(trained) == "hello\n" + tokenizer.eos_token
+
+
+def test_rows_whose_completion_is_cut_off_are_skipped(tiny_llama_path, make_run, tmp_path):
+    path = tmp_path / "rows.jsonl"
+    rows = [{"prompt": "x" * 40, "completion": "too late"}] + [{"prompt": "p", "completion": "c"}] * 9
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    run = make_run(tiny_llama_path, path, "prompt_completion", max_seq_length=16, eval_fraction=0.0)
+    messages = []
+
+    data = load_training_data(run, load_tokenizer(tiny_llama_path), log=messages.append)
+
+    assert len(data.train) == 9
+    assert all(len(example.input_ids) <= 16 for example in data.train)
+    assert messages == ["skipped 1 examples whose completion starts after max_seq_length tokens"]
+
+
+def test_split_is_deterministic_and_keeps_every_row_once():
+    rows = list(range(50))
+
+    train_rows, eval_rows = split_train_eval(rows, eval_fraction=0.1, seed=3)
+
+    assert (train_rows, eval_rows) == split_train_eval(rows, eval_fraction=0.1, seed=3)
+    assert len(eval_rows) == 5 and sorted(train_rows + eval_rows) == rows
+    assert split_train_eval(rows, eval_fraction=0.1, seed=4) != (train_rows, eval_rows)
+
+
+@pytest.mark.parametrize(
+    ("rows", "fraction", "held_out"), [(2, 0.1, 1), (10, 0.01, 1), (1, 0.5, 0), (10, 0.0, 0), (3, 0.5, 2)]
+)
+def test_some_rows_are_held_out_whenever_asked_for(rows, fraction, held_out):
+    train_rows, eval_rows = split_train_eval(list(range(rows)), eval_fraction=fraction, seed=0)
+
+    assert len(eval_rows) == held_out and len(train_rows) == rows - held_out
+
+
+def test_classification_label_ids_follow_the_sorted_label_names(minilm, make_run, tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text("text,label\nfine,ok\nbad,worse\ngood,better\nnice,ok\n")
+    run = make_run(minilm, path, "classification", task="sequence_classification", eval_fraction=0.0)
+
+    data = load_training_data(run, load_tokenizer(minilm))
+
+    assert data.label_names == ["better", "ok", "worse"]
+    assert sorted(example.labels for example in data.train) == [0, 1, 1, 2]
+
+
+def test_batches_are_padded_to_their_longest_row(tokenizer):
+    short = tokenize_sft([("a\n", False), ("b", True)], tokenizer, max_length=64)
+    long = tokenize_sft([("abcdef\n", False), ("fedcba", True)], tokenizer, max_length=64)
+
+    batch = collate([short, long], pad_token_id=tokenizer.pad_token_id)
+
+    assert batch["input_ids"].shape == (2, len(long.input_ids))
+    padding = len(long.input_ids) - len(short.input_ids)
+    assert batch["input_ids"][0, -padding:].tolist() == [tokenizer.pad_token_id] * padding
+    assert batch["attention_mask"][0].tolist() == [1] * len(short.input_ids) + [0] * padding
+    assert batch["labels"][0, -padding:].tolist() == [IGNORE_INDEX] * padding
+    assert batch["attention_mask"][1].sum() == len(long.input_ids)

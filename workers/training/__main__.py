@@ -1,0 +1,66 @@
+"""python -m workers.training SPEC.json OUTDIR
+
+Runs one training job, with no web app, database or broker. SPEC.json holds a
+jobs.spec.TrainingRun. Stdout carries only JSON progress lines (see
+progress.py); everything else, library chatter included, goes to stderr.
+Exit status 0 when the job finished, 1 when it failed (after an "error" line).
+"""
+
+import argparse
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from jobs.spec import TrainingRun
+from workers.training.progress import METRICS_FILE, Progress
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m workers.training", description="Run one fine-tuning job.")
+    parser.add_argument("spec", type=Path, help="JSON file holding a jobs.spec.TrainingRun")
+    parser.add_argument("outdir", type=Path, help="directory for checkpoints, metrics and artifacts")
+    args = parser.parse_args(argv)
+
+    # Keep the real stdout for progress only, and send fd 1 to stderr so that
+    # whatever a library prints cannot break the worker's line parser.
+    sys.stdout.flush()
+    progress_stream = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    os.dup2(2, 1)
+    progress = Progress(progress_stream)
+
+    try:
+        run = TrainingRun.model_validate_json(args.spec.read_text(encoding="utf-8"))
+        args.outdir.mkdir(parents=True, exist_ok=True)
+        progress.metrics_path = args.outdir / METRICS_FILE
+        # Imported after the redirection (importing torch and transformers can print)
+        # and after the spec is read, so that a bad spec fails in a blink.
+        from workers.training.loop import train
+
+        train(run, args.outdir, progress)
+    except Exception as error:
+        traceback.print_exc()  # the whole story, for the worker's log
+        progress.emit("error", message=describe(error))
+        return 1
+    return 0
+
+
+def describe(error):
+    """A one-paragraph message for the user, naming what to change where that is known."""
+    if isinstance(error, ValidationError):
+        problems = [
+            ": ".join(filter(None, [".".join(str(part) for part in problem["loc"]), problem["msg"]]))
+            for problem in error.errors()
+        ]
+        return "invalid training spec: " + "; ".join(problems)
+    if type(error).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch here
+        return f"out of GPU memory; try a smaller batch_size or max_seq_length ({error})"
+    if isinstance(error, (ValueError, FloatingPointError, FileNotFoundError)):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""From a dataset file to batches: tokenize, split into train and eval, pad.
+
+SFT examples become one token sequence whose labels are -100 (no loss) on the
+prompt side, so the model learns to write completions, not to echo prompts.
+Classification examples become (tokens, label id), label ids taken from the
+sorted label names so the same file always gives the same ids.
+"""
+
+import random
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch.utils.data import DataLoader
+
+from jobs.datasets import KIND_OF_TASK, load_examples
+
+IGNORE_INDEX = -100  # the label value that the transformers losses skip
+
+
+@dataclass
+class TokenizedExample:
+    input_ids: list[int]
+    labels: list[int] | int  # per-token labels for SFT, one class id for classification
+
+
+@dataclass
+class TrainingData:
+    train: list[TokenizedExample]
+    eval: list[TokenizedExample]
+    label_names: list[str] | None  # classification only; index = label id
+    pad_token_id: int
+
+
+def load_training_data(run, tokenizer, log=print):
+    """Read, split and tokenize the run's dataset."""
+    hyperparameters = run.spec.hyperparameters
+    kind = KIND_OF_TASK[run.spec.task]
+    examples = load_examples(run.dataset_path, run.dataset_format, run.column_map)
+    if kind == "classification" and not isinstance(examples[0], tuple):
+        raise ValueError(f"a sequence classification job needs a classification dataset, not {run.dataset_format!r}")
+    if kind == "sft" and isinstance(examples[0], tuple):
+        raise ValueError("a causal LM fine-tuning job needs an SFT dataset (prompt/completion, alpaca, chat or text)")
+    train_examples, eval_examples = split_train_eval(examples, hyperparameters.eval_fraction, hyperparameters.seed)
+    max_length = hyperparameters.max_seq_length
+
+    if kind == "classification":
+        label_names = sorted({label for _, label in examples})
+        if len(label_names) < 2:
+            raise ValueError(f"classification needs at least two different labels, the dataset has {label_names}")
+        label_ids = {name: index for index, name in enumerate(label_names)}
+
+        def tokenize(example):
+            return tokenize_classification(example, tokenizer, label_ids, max_length)
+
+    else:
+        label_names = None
+
+        def tokenize(example):
+            return tokenize_sft(example, tokenizer, max_length)
+
+    train_set = [tokenize(example) for example in train_examples]
+    eval_set = [tokenize(example) for example in eval_examples]
+    if kind == "sft":
+        train_set, eval_set = _with_trained_tokens(train_set), _with_trained_tokens(eval_set)
+        skipped = len(train_examples) + len(eval_examples) - len(train_set) - len(eval_set)
+        if skipped:
+            log(f"skipped {skipped} examples whose completion starts after max_seq_length tokens")
+    if not train_set:
+        raise ValueError("no training examples left: every completion starts after max_seq_length tokens")
+    return TrainingData(train_set, eval_set, label_names, pad_token_id=_pad_token_id(tokenizer))
+
+
+def split_train_eval(examples, eval_fraction, seed):
+    """Shuffle with the seed and hold out eval_fraction of the rows (at least one when asked for any)."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    eval_count = round(len(examples) * eval_fraction)
+    if eval_fraction > 0 and len(examples) >= 2:
+        eval_count = min(max(eval_count, 1), len(examples) - 1)
+    else:
+        eval_count = 0
+    eval_rows = sorted(order[:eval_count])
+    train_rows = order[eval_count:]
+    return [examples[i] for i in train_rows], [examples[i] for i in eval_rows]
+
+
+def tokenize_sft(segments, tokenizer, max_length):
+    """Concatenate (text, trains_on) segments into one sequence, ending with eos; loss only where trains_on."""
+    input_ids, labels = [], []
+    if tokenizer.bos_token_id is not None:
+        input_ids.append(tokenizer.bos_token_id)
+        labels.append(IGNORE_INDEX)
+    for text, trains_on in segments:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        input_ids += ids
+        labels += ids if trains_on else [IGNORE_INDEX] * len(ids)
+    # eos teaches the model to stop after a completion; it trains only if the text before it does.
+    input_ids.append(tokenizer.eos_token_id)
+    labels.append(tokenizer.eos_token_id if segments[-1][1] else IGNORE_INDEX)
+    return TokenizedExample(input_ids[:max_length], labels[:max_length])
+
+
+def tokenize_classification(example, tokenizer, label_ids, max_length):
+    text, label = example
+    input_ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+    return TokenizedExample(input_ids, label_ids[label])
+
+
+def _with_trained_tokens(examples):
+    # A prompt longer than max_seq_length leaves no label to learn from, and a
+    # batch of such rows would give a loss of 0/0.
+    return [example for example in examples if any(label != IGNORE_INDEX for label in example.labels[1:])]
+
+
+def _pad_token_id(tokenizer):
+    # Many causal LMs ship without a pad token; eos is safe as padding because
+    # padded positions are masked out of attention and carry no labels.
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    if tokenizer.eos_token_id is not None:
+        return tokenizer.eos_token_id
+    raise ValueError("the tokenizer has neither a pad nor an eos token to pad batches with")
+
+
+def collate(examples, pad_token_id):
+    """Pad a batch to its longest example; padding is masked out of attention and of the loss."""
+    longest = max(len(example.input_ids) for example in examples)
+    input_ids = torch.full((len(examples), longest), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), longest), dtype=torch.long)
+    for row, example in enumerate(examples):
+        input_ids[row, : len(example.input_ids)] = torch.tensor(example.input_ids)
+        attention_mask[row, : len(example.input_ids)] = 1
+    if isinstance(examples[0].labels, int):
+        labels = torch.tensor([example.labels for example in examples])
+    else:
+        labels = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)
+        for row, example in enumerate(examples):
+            labels[row, : len(example.labels)] = torch.tensor(example.labels)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def make_loader(examples, batch_size, pad_token_id, shuffle=False, seed=0):
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(
+        examples,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        collate_fn=partial(collate, pad_token_id=pad_token_id),
+    )

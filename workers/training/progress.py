@@ -1,0 +1,48 @@
+"""Progress lines: one JSON object per line, for the worker that spawned us and for OUTDIR/metrics.jsonl.
+
+The worker parses these lines while the job runs, and metrics.jsonl keeps the
+same record next to the checkpoints, so a run can be inspected after the fact.
+Events and their keys (the worker depends on them):
+
+    started     total_steps, trainable_params, total_params, device, train_rows, eval_rows
+    step        step, epoch, train_loss, learning_rate, tokens_per_sec, tokens_seen, gpu_memory_mb, cpu_memory_mb
+    eval        step, eval_loss, eval_accuracy
+    checkpoint  step, path
+    artifact    kind, path
+    finished    steps, train_loss, eval_loss, eval_accuracy, wall_time_s, trainable_params, total_params
+    log         message
+    error       message
+
+Memory figures are peaks so far (GPU: torch's allocations; CPU: the process's
+resident size); gpu_memory_mb is null when training on the CPU.
+"""
+
+import json
+import math
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class Progress:
+    def __init__(self, stream, metrics_path=None):
+        self.stream = stream
+        self.metrics_path = metrics_path  # set once OUTDIR exists
+
+    def emit(self, event, **fields):
+        line = json.dumps({"event": event, **{key: _json_number(value) for key, value in fields.items()}})
+        self.stream.write(line + "\n")
+        self.stream.flush()
+        if self.metrics_path is not None:
+            with open(self.metrics_path, "a", encoding="utf-8") as file:
+                file.write(line + "\n")
+
+    def log(self, message):
+        self.emit("log", message=message)
+
+
+def _json_number(value):
+    # A diverging run yields nan or inf, which json.dumps would write as bare NaN:
+    # not JSON, and the worker's parser would reject the whole line.
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
