@@ -16,6 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("TUNEDECK_SHARED_DATA", REPO.parent / "shared" / "data"))
 WORKER_START_TIMEOUT = 90
 JOB_TIMEOUT = 240
 
@@ -25,6 +26,13 @@ def tiny_llama_path(tmp_path_factory):
     from workers.training.tiny_model import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-random-llama")
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    """The real data sets that lie beside the checkout in ../shared/data (CI has them there too)."""
+    assert SHARED_DATA.is_dir(), f"this test reads real data from {SHARED_DATA} (set TUNEDECK_SHARED_DATA to move it)"
+    return SHARED_DATA
 
 
 @pytest.fixture(scope="session")

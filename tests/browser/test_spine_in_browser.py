@@ -1,6 +1,5 @@
 """A person's path through the spine, in Debian's chromium driven by Playwright."""
 
-import os
 import zipfile
 from pathlib import Path
 
@@ -19,8 +18,6 @@ SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "job-page.png"
 @pytest.fixture
 def page():
     assert Path(CHROMIUM).exists(), f"browser tests need Debian's chromium at {CHROMIUM} (apt-get install chromium)"
-    # Playwright's sync API runs an event loop in this thread; the ORM calls the fixtures make are still synchronous.
-    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=CHROMIUM,
@@ -32,7 +29,9 @@ def page():
         browser.close()
 
 
-def test_log_in_upload_submit_watch_and_download(page, live_server, team_user, catalogue, celery_worker, tmp_path):
+# `page` comes last: Playwright runs an event loop in this thread, and the fixtures
+# before it use the database, which Django refuses to do inside an event loop.
+def test_log_in_upload_submit_watch_and_download(live_server, team_user, catalogue, celery_worker, tmp_path, page):
     dataset_file = tmp_path / "reverse-words.jsonl"
     demo_data.write_instruction_set(dataset_file, rows=200)
 
@@ -72,3 +71,4 @@ def test_log_in_upload_submit_watch_and_download(page, live_server, team_user, c
     assert download_info.value.suggested_filename == "browser-demo-adapter.zip"
     with zipfile.ZipFile(saved) as archive:
         assert set(archive.namelist()) == {"adapter_config.json", "adapter_model.safetensors"}
+

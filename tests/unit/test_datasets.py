@@ -1,14 +1,9 @@
 """Dataset validation on good and bad files: each message a user would read is checked."""
 
 import json
-from pathlib import Path
-
 import pytest
 
 from jobs import datasets
-
-SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
-
 
 def jsonl(*rows):
     return "\n".join(row if isinstance(row, str) else json.dumps(row) for row in rows).encode()
@@ -130,8 +125,8 @@ def test_json_array_must_hold_objects():
     ]
 
 
-def test_sst2_dev_tsv_with_mapped_text_column():
-    data = (SHARED_DATA / "sst2" / "dev.tsv").read_bytes()
+def test_sst2_dev_tsv_with_mapped_text_column(shared_data):
+    data = (shared_data / "sst2" / "dev.tsv").read_bytes()
     unmapped = datasets.validate(data, "dev.tsv")
     assert "cannot tell the format from the fields ['content', 'label']" in messages(unmapped)[0]
     report = datasets.validate(data, "dev.tsv", column_map={"text": "content"})
@@ -140,8 +135,8 @@ def test_sst2_dev_tsv_with_mapped_text_column():
     assert set(report.stats["labels"]) == {"0", "1"}
 
 
-def test_alpaca_json_array_as_users_upload_it():
-    report = datasets.validate((SHARED_DATA / "alpaca" / "alpaca_subset.json").read_bytes(), "alpaca.json")
+def test_alpaca_json_array_as_users_upload_it(shared_data):
+    report = datasets.validate((shared_data / "alpaca" / "alpaca_subset.json").read_bytes(), "alpaca.json")
     assert (report.format, report.rows, report.problem_count) == ("alpaca", 102, 0)
 
 
