@@ -123,6 +123,8 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
 }
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+# Housekeeping has its own queue, served by the beat process, so it never waits behind training.
+CELERY_TASK_ROUTES = {"workers.tasks.mark_silent_workers_offline": {"queue": "maintenance"}}
 CELERY_BEAT_SCHEDULE = {
     "mark-silent-workers-offline": {
         "task": "workers.tasks.mark_silent_workers_offline",

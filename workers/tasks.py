@@ -15,6 +15,7 @@ from . import heartbeat
 from .runner import run_claimed_job
 
 log = logging.getLogger(__name__)
+MAINTENANCE_QUEUE = "maintenance"
 
 
 @shared_task(name="workers.tasks.run_job", acks_late=True)
@@ -46,10 +47,16 @@ def mark_silent_workers_offline():
     return Worker.objects.filter(is_online=True, last_heartbeat__lt=silent_since).update(is_online=False)
 
 
+def _trains(queues):
+    return any(queue != MAINTENANCE_QUEUE for queue in queues)
+
+
 @worker_ready.connect
 def _register_worker(sender, **kwargs):
-    queues = [queue.name for queue in sender.task_consumer.queues] if sender.task_consumer else ["training"]
-    heartbeat.start(sender.hostname, queues)
+    queues = [queue.name for queue in sender.task_consumer.queues]
+    # Only training workers are listed on the Workers page; the housekeeping one is not a GPU worker.
+    if _trains(queues):
+        heartbeat.start(sender.hostname, queues)
 
 
 @worker_shutdown.connect

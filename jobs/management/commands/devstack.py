@@ -36,7 +36,9 @@ class Command(BaseCommand):
             "web": [python, "manage.py", "runserver", addrport, "--noreload"],
             "worker": [python, "-m", "celery", "-A", "webapp", "worker", "-l", "info", "-Q", "training",
                        "-n", "worker1@%h", "--concurrency", "1"],
-            "beat": [python, "-m", "celery", "-A", "webapp", "beat", "-l", "info",
+            # Beat embedded in a small worker that serves the maintenance queue.
+            "beat": [python, "-m", "celery", "-A", "webapp", "worker", "--beat", "-l", "info", "-Q", "maintenance",
+                     "-n", "maintenance@%h", "--concurrency", "1",
                      "-s", str(settings.DATA_DIR / "celerybeat-schedule")],
         }
         processes = {name: subprocess.Popen(cmd, env=env, cwd=settings.BASE_DIR) for name, cmd in commands.items()}
