@@ -1,3 +1,4 @@
+from django import forms
 from django.contrib import admin
 
 from .models import Artifact, BaseModel, Dataset, Job, JobEvent, Membership, Metric, Team, Worker
@@ -14,8 +15,25 @@ class TeamAdmin(admin.ModelAdmin):
     inlines = [MembershipInline]
 
 
+class BaseModelForm(forms.ModelForm):
+    class Meta:
+        model = BaseModel
+        exclude = ["architecture_info"]
+
+    def clean_path(self):
+        from workers.training.catalogue import describe_model
+
+        path = self.cleaned_data["path"]
+        try:
+            self.instance.architecture_info = describe_model(path)
+        except (OSError, ValueError) as error:
+            raise forms.ValidationError(f"cannot read a model at {path}: {error}")
+        return path
+
+
 @admin.register(BaseModel)
 class BaseModelAdmin(admin.ModelAdmin):
+    form = BaseModelForm
     list_display = ["name", "task", "architecture", "path"]
 
 

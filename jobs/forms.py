@@ -4,7 +4,7 @@ from pydantic import ValidationError
 
 from . import datasets
 from .models import BaseModel, Dataset
-from .spec import JobSpec
+from .spec import CANNOT_MERGE_REASONS, METHOD_LABELS, AdapterConfig, JobSpec, LoraConfig, QLoraConfig
 from .submission import SubmissionError, check_against_catalogue
 from .uploads import store_dataset
 
@@ -54,6 +54,21 @@ TARGET_PRESETS = [
     ("all_linear", "all linear layers"),
     ("custom", "custom list"),
 ]
+LORA_FAMILY = ("lora", "dora", "qlora")
+
+# Form field -> the methods whose config it fills, in the order the page shows them.
+METHOD_FIELD_GROUPS = [
+    ("Target modules", LORA_FAMILY + ("ia3",), ("target_preset", "custom_targets")),
+    ("Low-rank update", LORA_FAMILY, ("r", "alpha", "dropout", "bias")),
+    ("Quantization", ("qlora",), ("bits", "quant_type", "double_quant")),
+    ("Bottleneck", ("adapter",), ("placement", "bottleneck_size", "reduction_factor", "activation", "scaling")),
+    ("Virtual tokens", ("prefix", "prompt"), ("num_virtual_tokens",)),
+    ("Initialisation", ("prompt",), ("init_text",)),
+]
+
+
+def _choices(config_class, field):
+    return [(value, value) for value in config_class.model_fields[field].annotation.__args__]
 
 
 class JobForm(forms.Form):
@@ -62,12 +77,35 @@ class JobForm(forms.Form):
     name = forms.CharField(max_length=200, required=False)
     base_model = forms.ModelChoiceField(queryset=BaseModel.objects.all(), to_field_name="name", empty_label=None)
     dataset = forms.ModelChoiceField(queryset=Dataset.objects.none(), empty_label=None)
-    # LoRA
-    r = forms.IntegerField(initial=8, label="rank r")
-    alpha = forms.FloatField(initial=16)
-    dropout = forms.FloatField(initial=0.05)
-    target_preset = forms.ChoiceField(choices=TARGET_PRESETS, initial="attention_qv", label="target modules")
+    validation_dataset = forms.ModelChoiceField(
+        queryset=Dataset.objects.none(), required=False, empty_label="hold out a share of the training rows",
+        help_text="evaluate on another dataset instead")
+    method = forms.ChoiceField(choices=list(METHOD_LABELS.items()), initial="lora")
+    # Method settings: only those of the chosen method are used; empty means the method's default.
+    target_preset = forms.ChoiceField(choices=TARGET_PRESETS, initial="attention_qv", label="target modules",
+                                      help_text="IA³ uses its own per-model defaults unless you give a custom list")
     custom_targets = forms.CharField(required=False, help_text="comma-separated module names, for a custom list")
+    r = forms.IntegerField(initial=8, label="rank r", required=False)
+    alpha = forms.FloatField(initial=16, required=False)
+    dropout = forms.FloatField(initial=0.05, required=False)
+    bias = forms.ChoiceField(choices=_choices(LoraConfig, "bias"), initial="none", required=False)
+    bits = forms.TypedChoiceField(choices=[(4, "4-bit"), (8, "8-bit")], coerce=int, initial=4, required=False,
+                                  empty_value=None)
+    quant_type = forms.ChoiceField(choices=_choices(QLoraConfig, "quant_type"), initial="nf4", label="4-bit type",
+                                   required=False)
+    double_quant = forms.BooleanField(required=False, initial=True, label="double quantization")
+    placement = forms.ChoiceField(
+        choices=[("houlsby", "Houlsby: after attention and FFN"), ("pfeiffer", "Pfeiffer: after FFN"),
+                 ("parallel", "parallel to the FFN")], initial="houlsby", required=False)
+    bottleneck_size = forms.IntegerField(required=False, help_text="m; empty: hidden size / reduction factor")
+    reduction_factor = forms.IntegerField(initial=16, required=False)
+    activation = forms.ChoiceField(choices=_choices(AdapterConfig, "activation"), initial="gelu", required=False)
+    scaling = forms.FloatField(initial=1.0, required=False)
+    num_virtual_tokens = forms.IntegerField(initial=20, required=False)
+    init_text = forms.CharField(required=False, help_text="start the virtual tokens from this text's embeddings")
+    export_merged = forms.BooleanField(
+        required=False, label="also export a merged model",
+        help_text="a standalone model with the update folded in (LoRA, QLoRA, DoRA, IA³)")
     # Hyperparameters
     epochs = forms.IntegerField(initial=1)
     max_steps = forms.IntegerField(required=False, help_text="overrides epochs when set")
@@ -84,47 +122,74 @@ class JobForm(forms.Form):
         "warmup_steps", "eval_fraction", "checkpoint_every", "seed",
     )
 
-    METHOD_FIELDS = ("r", "alpha", "dropout", "target_preset", "custom_targets")
-
-    def method_fields(self):
-        return [self[name] for name in self.METHOD_FIELDS]
-
-    def hyperparameter_fields(self):
-        return [self[name] for name in self.HYPERPARAMETERS]
-
     def __init__(self, *args, team, **kwargs):
         super().__init__(*args, **kwargs)
         self.team = team
         self.fields["dataset"].queryset = Dataset.objects.filter(team=team, is_valid=True)
+        self.fields["validation_dataset"].queryset = Dataset.objects.filter(team=team, is_valid=True)
         self.spec = None
+
+    def method_groups(self):
+        return [
+            {"title": title, "methods": " ".join(methods), "fields": [self[name] for name in names]}
+            for title, methods, names in METHOD_FIELD_GROUPS
+        ]
+
+    def hyperparameter_fields(self):
+        return [self[name] for name in self.HYPERPARAMETERS]
+
+    def method_data(self):
+        data = self.cleaned_data
+        method = data.get("method", "lora")
+        fields = {name for _, methods, names in METHOD_FIELD_GROUPS if method in methods for name in names}
+        config = {"type": method}
+        if "target_preset" in fields:
+            if data.get("target_preset") == "custom":
+                config["target_modules"] = [name.strip() for name in (data.get("custom_targets") or "").split(",")]
+            elif method != "ia3":
+                config["target_modules"] = data.get("target_preset")
+            fields -= {"target_preset", "custom_targets"}
+        for name in fields:
+            value = data.get(name)
+            if value is not None and value != "":
+                config[name] = value
+        return config
 
     def spec_data(self):
         data = self.cleaned_data
-        preset = data.get("target_preset")
-        targets = [name.strip() for name in (data.get("custom_targets") or "").split(",")] if preset == "custom" else preset
         base_model = data.get("base_model")
         return {
             "base_model": base_model.name if base_model else "",
             "dataset": data["dataset"].pk if data.get("dataset") else 0,
+            "validation_dataset": data["validation_dataset"].pk if data.get("validation_dataset") else None,
             "task": base_model.task if base_model else "causal_lm_sft",
-            "method": {"type": "lora", "r": data.get("r"), "alpha": data.get("alpha"),
-                       "dropout": data.get("dropout"), "target_modules": targets},
+            "method": self.method_data(),
             "hyperparameters": {name: data.get(name) for name in self.HYPERPARAMETERS if data.get(name) is not None},
+            "export_merged": data.get("export_merged", False),
         }
+
+    def _field_for(self, name):
+        name = {"target_modules": "custom_targets"}.get(name, name)
+        if name in METHOD_LABELS:  # a check of the whole method section
+            name = "method"
+        return name if name in self.fields else None
 
     def clean(self):
         super().clean()
         if self.errors:
             return
+        method = self.cleaned_data["method"]
+        if self.cleaned_data.get("export_merged") and method in CANNOT_MERGE_REASONS:
+            self.add_error("export_merged", CANNOT_MERGE_REASONS[method])
+            return
         try:
             self.spec = JobSpec.model_validate(self.spec_data())
         except ValidationError as exc:
             for error in exc.errors():
-                field = str(error["loc"][-1]) if error["loc"] else None
-                field = {"target_modules": "custom_targets", "method": "custom_targets"}.get(field, field)
-                self.add_error(field if field in self.fields else None, error["msg"])
+                field = self._field_for(str(error["loc"][-1])) if error["loc"] else None
+                self.add_error(field, error["msg"].removeprefix("Value error, "))
             return
         try:
             check_against_catalogue(self.team, self.spec)
         except SubmissionError as error:
-            self.add_error(error.field if error.field in self.fields else None, error.message)
+            self.add_error(self._field_for(error.field), error.message)

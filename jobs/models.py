@@ -6,6 +6,8 @@ from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
+from .spec import CANNOT_MERGE_REASONS, METHOD_LABELS
+
 
 class Team(models.Model):
     name = models.CharField(max_length=100, unique=True)
@@ -46,6 +48,9 @@ class BaseModel(models.Model):
     suggested_settings = models.JSONField(
         default=dict, blank=True, help_text="new-job form values that suit this model, e.g. {\"learning_rate\": 0.01}"
     )
+
+    # What submission checks need without loading the model: hidden size, linear layer names.
+    architecture_info = models.JSONField(default=dict, blank=True)
 
     class Meta:
         ordering = ["name"]
@@ -109,6 +114,9 @@ class Job(models.Model):
     name = models.CharField(max_length=200, blank=True)
     base_model = models.ForeignKey(BaseModel, on_delete=models.PROTECT, related_name="jobs")
     dataset = models.ForeignKey(Dataset, on_delete=models.PROTECT, related_name="jobs")
+    validation_dataset = models.ForeignKey(
+        Dataset, on_delete=models.PROTECT, null=True, blank=True, related_name="validation_jobs"
+    )
     spec = models.JSONField(help_text="a JobSpec, validated at submission")
     # Changed only through jobs.lifecycle, which checks the transition and writes a JobEvent.
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.QUEUED, db_index=True)
@@ -130,6 +138,13 @@ class Job(models.Model):
     trainable_params = models.BigIntegerField(null=True, blank=True)
     total_params = models.BigIntegerField(null=True, blank=True)
     wall_time_s = models.FloatField(null=True, blank=True)
+    # Measured by the worker at the end of the job, for the job page and the compare view.
+    eval_f1 = models.FloatField(null=True, blank=True)
+    perplexity = models.FloatField(null=True, blank=True)
+    peak_memory_mb = models.FloatField(null=True, blank=True)
+    artifact_bytes = models.BigIntegerField(null=True, blank=True)
+    latency_ms = models.FloatField(null=True, blank=True)
+    latency_merged_ms = models.FloatField(null=True, blank=True)
     error_message = models.TextField(blank=True)
 
     class Meta:
@@ -153,6 +168,14 @@ class Job(models.Model):
     @property
     def method_name(self):
         return self.spec.get("method", {}).get("type", "lora")
+
+    @property
+    def method_label(self):
+        return METHOD_LABELS.get(self.method_name, self.method_name)
+
+    @property
+    def cannot_merge_reason(self):
+        return CANNOT_MERGE_REASONS.get(self.method_name)
 
     @property
     def progress_percent(self):
@@ -225,7 +248,8 @@ def artifact_upload_path(artifact, filename):
 
 class Artifact(models.Model):
     class Kind(models.TextChoices):
-        ADAPTER = "adapter", "Adapter (PEFT, zip)"
+        ADAPTER = "adapter", "Adapter (zip)"
+        MERGED = "merged", "Merged model (zip)"
 
     job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="artifacts")
     kind = models.CharField(max_length=20, choices=Kind.choices)

@@ -5,9 +5,9 @@ bad value is refused at submission with its field named instead of failing
 half-way through training. Plain pydantic: no Django, no torch.
 """
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 Task = Literal["causal_lm_sft", "sequence_classification"]
 
@@ -16,33 +16,140 @@ TASK_LABELS = {
     "sequence_classification": "Sequence classification",
 }
 
-# Module names per preset, by model architecture family. The engine resolves
-# a preset against the loaded model, so a user never has to know module names.
-TARGET_MODULE_PRESETS = ("attention_qv", "attention_qkvo", "all_linear")
-
-
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+TargetModules = Literal["attention_qv", "attention_qkvo", "all_linear"] | list[str]
+
+
+def _clean_module_list(target_modules):
+    if isinstance(target_modules, list):
+        names = [name.strip() for name in target_modules if name.strip()]
+        if not names:
+            raise ValueError("give a preset or at least one module name")
+        return names
+    return target_modules
+
+
 class LoraConfig(_Strict):
+    """LoRA: a low-rank update B·A beside chosen linear layers."""
+
     type: Literal["lora"] = "lora"
     r: int = Field(8, ge=1, le=1024, description="LoRA rank")
     alpha: float = Field(16, gt=0, le=4096, description="LoRA scaling numerator (scale = alpha / r)")
     dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: Literal["attention_qv", "attention_qkvo", "all_linear"] | list[str] = Field(
-        "attention_qv", description="a preset or a list of module names"
-    )
+    target_modules: TargetModules = Field("attention_qv", description="a preset or a list of module names")
     bias: Literal["none", "all", "lora_only"] = "none"
 
+    _non_empty_module_list = field_validator("target_modules")(_clean_module_list)
+
+
+class DoraConfig(LoraConfig):
+    """DoRA: LoRA with the weight split into magnitude and direction (peft use_dora)."""
+
+    type: Literal["dora"] = "dora"
+
+
+class QLoraConfig(LoraConfig):
+    """QLoRA: the frozen base quantized by bitsandbytes, LoRA on top."""
+
+    type: Literal["qlora"] = "qlora"
+    bits: Literal[4, 8] = 4
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type")
+    double_quant: bool = Field(True, description="quantize the quantization constants too")
+
+
+class Ia3Config(_Strict):
+    """IA³: learned scaling vectors on keys, values and the feed-forward activations."""
+
+    type: Literal["ia3"] = "ia3"
+    target_modules: Literal["default"] | list[str] = "default"
+    feedforward_modules: list[str] | None = Field(None, description="the subset of target_modules inside the FFN")
+
+    _non_empty_module_list = field_validator("target_modules")(_clean_module_list)
+
     @model_validator(mode="after")
-    def _non_empty_module_list(self):
-        if isinstance(self.target_modules, list):
-            names = [name.strip() for name in self.target_modules if name.strip()]
-            if not names:
-                raise ValueError("target_modules: give a preset or at least one module name")
-            self.target_modules = names
+    def _feedforward_within_targets(self):
+        if self.feedforward_modules is not None:
+            if self.target_modules == "default":
+                raise ValueError("feedforward_modules: give target_modules as a list too")
+            outside = [name for name in self.feedforward_modules if name not in self.target_modules]
+            if outside:
+                raise ValueError(f"feedforward_modules {outside} are not in target_modules")
         return self
+
+
+class AdapterConfig(_Strict):
+    """Bottleneck adapters: down-projection, non-linearity, up-projection, residual."""
+
+    type: Literal["adapter"] = "adapter"
+    placement: Literal["houlsby", "pfeiffer", "parallel"] = Field(
+        "houlsby", description="houlsby: after attention and FFN; pfeiffer: after FFN; parallel: beside the FFN"
+    )
+    bottleneck_size: int | None = Field(None, ge=1, le=65536, description="m; default hidden size / reduction_factor")
+    reduction_factor: int = Field(16, ge=1, le=4096)
+    activation: Literal["gelu", "relu", "silu"] = "gelu"
+    scaling: float = Field(1.0, gt=0, le=100, description="multiplier of the adapter's output")
+
+
+class PrefixTuningConfig(_Strict):
+    """Prefix tuning: trainable key/value prefixes in every attention layer."""
+
+    type: Literal["prefix"] = "prefix"
+    num_virtual_tokens: int = Field(20, ge=1, le=1024)
+
+
+class PromptTuningConfig(_Strict):
+    """Prompt tuning: trainable virtual token embeddings before the input."""
+
+    type: Literal["prompt"] = "prompt"
+    num_virtual_tokens: int = Field(20, ge=1, le=1024)
+    init_text: str | None = Field(None, max_length=2000, description="initialise the virtual tokens from this text")
+
+
+class FullFineTuningConfig(_Strict):
+    """Every weight trains: the baseline the other methods are judged against."""
+
+    type: Literal["full"] = "full"
+
+
+def _method_type(value):
+    # A method section without a type is LoRA, the method most people mean.
+    return value.get("type", "lora") if isinstance(value, dict) else getattr(value, "type", "lora")
+
+
+Method = Annotated[
+    Annotated[LoraConfig, Tag("lora")]
+    | Annotated[DoraConfig, Tag("dora")]
+    | Annotated[QLoraConfig, Tag("qlora")]
+    | Annotated[Ia3Config, Tag("ia3")]
+    | Annotated[AdapterConfig, Tag("adapter")]
+    | Annotated[PrefixTuningConfig, Tag("prefix")]
+    | Annotated[PromptTuningConfig, Tag("prompt")]
+    | Annotated[FullFineTuningConfig, Tag("full")],
+    Discriminator(_method_type),
+]
+METHOD_LABELS = {
+    "lora": "LoRA",
+    "qlora": "QLoRA (quantized base)",
+    "dora": "DoRA",
+    "adapter": "Bottleneck adapters",
+    "ia3": "IA³",
+    "prefix": "Prefix tuning",
+    "prompt": "Prompt tuning",
+    "full": "Full fine-tuning",
+}
+# Why a method has no merged export; the methods missing here fold into the base weights.
+CANNOT_MERGE_REASONS = {
+    "adapter": "Bottleneck adapters have a non-linearity between their two projections, so they cannot fold "
+    "into the base weights: they stay in the forward pass and add inference latency.",
+    "prefix": "Prefix tuning adds trained key/value vectors to every attention layer at inference; there are "
+    "no weight updates to fold into the base model.",
+    "prompt": "Prompt tuning adds trained virtual tokens before every input at inference; there are no weight "
+    "updates to fold into the base model.",
+    "full": "Full fine-tuning already produces the whole model; there is nothing to merge.",
+}
 
 
 class Hyperparameters(_Strict):
@@ -62,9 +169,19 @@ class Hyperparameters(_Strict):
 class JobSpec(_Strict):
     base_model: str = Field(min_length=1, max_length=200, description="catalogue name of the base model")
     dataset: int = Field(ge=1, description="id of an uploaded, valid dataset")
+    validation_dataset: int | None = Field(
+        None, ge=1, description="id of a dataset to evaluate on, instead of holding out eval_fraction of the rows"
+    )
     task: Task = "causal_lm_sft"
-    method: LoraConfig = LoraConfig()
+    method: Method = LoraConfig()
     hyperparameters: Hyperparameters = Hyperparameters()
+    export_merged: bool = Field(False, description="also export a standalone model with the method merged in")
+
+    @model_validator(mode="after")
+    def _merge_only_where_possible(self):
+        if self.export_merged and self.method.type in CANNOT_MERGE_REASONS:
+            raise ValueError(f"export_merged: {CANNOT_MERGE_REASONS[self.method.type]}")
+        return self
 
 
 class TrainingRun(_Strict):
@@ -75,3 +192,6 @@ class TrainingRun(_Strict):
     dataset_path: str
     dataset_format: str
     column_map: dict[str, str] = {}
+    eval_dataset_path: str | None = None
+    eval_dataset_format: str | None = None
+    eval_column_map: dict[str, str] = {}

@@ -36,11 +36,55 @@ def check_against_catalogue(team, spec: JobSpec):
         raise SubmissionError(
             "dataset", f"dataset {dataset.name!r} is in {dataset.format} format, which does not fit {TASK_LABELS[spec.task]}"
         )
-    return base_model, dataset
+    validation_dataset = None
+    if spec.validation_dataset is not None:
+        validation_dataset = Dataset.objects.filter(pk=spec.validation_dataset, team=team).first()
+        if validation_dataset is None:
+            raise SubmissionError("validation_dataset", f"no dataset with id {spec.validation_dataset} in team {team}")
+        if not validation_dataset.is_valid or validation_dataset.kind != dataset.kind:
+            raise SubmissionError(
+                "validation_dataset",
+                f"dataset {validation_dataset.name!r} cannot validate this job: it must be valid and of the same "
+                f"kind as {dataset.name!r} ({dataset.format})",
+            )
+    check_method_fits_model(base_model, spec.method)
+    return base_model, dataset, validation_dataset
+
+
+def check_method_fits_model(base_model, method):
+    """Refuse at the door what the engine would only find out after loading the model."""
+    info = base_model.architecture_info
+    if not info:
+        return
+    linear_modules = info.get("linear_modules", [])
+    short_names = sorted({name.rsplit(".", 1)[-1] for name in linear_modules})
+    targets = getattr(method, "target_modules", None)
+    if isinstance(targets, list):
+        unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linear_modules)]
+        if unknown:
+            raise SubmissionError(
+                "target_modules",
+                f"{', '.join(unknown)} not found in {base_model.name}; its linear layers are: {', '.join(short_names)}",
+            )
+    elif targets is not None and info.get("family") is None:
+        raise SubmissionError(
+            "target_modules",
+            f"presets are defined for Llama- and BERT-style models; for {base_model.name} give a custom list "
+            f"from: {', '.join(short_names)}",
+        )
+    if method.type == "qlora" and not linear_modules:
+        raise SubmissionError("bits", f"QLoRA quantizes linear layers and {base_model.name} has none")
+    hidden_size = info.get("hidden_size")
+    if method.type == "adapter" and hidden_size and method.bottleneck_size and method.bottleneck_size > hidden_size:
+        raise SubmissionError(
+            "bottleneck_size",
+            f"bottleneck_size {method.bottleneck_size} is larger than {base_model.name}'s hidden size "
+            f"{hidden_size}; a bottleneck must be smaller",
+        )
 
 
 def submit_job(team, user, spec: JobSpec, name=""):
-    base_model, dataset = check_against_catalogue(team, spec)
+    base_model, dataset, validation_dataset = check_against_catalogue(team, spec)
     with transaction.atomic():
         job = Job.objects.create(
             team=team,
@@ -48,6 +92,7 @@ def submit_job(team, user, spec: JobSpec, name=""):
             name=name,
             base_model=base_model,
             dataset=dataset,
+            validation_dataset=validation_dataset,
             spec=spec.model_dump(mode="json"),
             status=Job.Status.QUEUED,
         )

@@ -85,14 +85,17 @@ def other_team_user(db, django_user_model):
 @pytest.fixture
 def catalogue(db, tiny_llama_path):
     from jobs.models import BaseModel
+    from workers.training.catalogue import describe_model
     from workers.training.tiny_model import minilm_path
 
     return {
         "llama": BaseModel.objects.create(
-            name="tiny-random-llama", path=str(tiny_llama_path), task="causal_lm_sft", architecture="llama"
+            name="tiny-random-llama", path=str(tiny_llama_path), task="causal_lm_sft", architecture="llama",
+            architecture_info=describe_model(tiny_llama_path),
         ),
         "minilm": BaseModel.objects.create(
-            name="all-MiniLM-L6-v2", path=str(minilm_path()), task="sequence_classification", architecture="bert"
+            name="all-MiniLM-L6-v2", path=str(minilm_path()), task="sequence_classification", architecture="bert",
+            architecture_info=describe_model(minilm_path()),
         ),
     }
 

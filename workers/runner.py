@@ -29,26 +29,39 @@ from jobs.spec import JobSpec, TrainingRun
 log = logging.getLogger(__name__)
 
 STOP_GRACE_SECONDS = 10
+# Keys of the trainer's "finished" event that are stored on the Job as they are.
+FINAL_MEASUREMENTS = (
+    "train_loss", "eval_loss", "eval_accuracy", "eval_f1", "perplexity", "wall_time_s", "tokens_per_sec",
+    "peak_memory_mb", "artifact_bytes", "latency_ms", "latency_merged_ms",
+)
 STDERR_TAIL_BYTES = 4000
 
 
+def copy_dataset(dataset, workdir, stem):
+    # The suffix tells the reader the container (CSV, TSV, JSON array or JSON Lines).
+    path = workdir / (stem + (Path(dataset.original_filename).suffix.lower() or ".jsonl"))
+    with dataset.file.open("rb") as source, open(path, "wb") as target:
+        shutil.copyfileobj(source, target)
+    return str(path)
+
+
 def prepare_workdir(job):
-    """Copy the dataset next to the spec: the engine reads plain local files only."""
+    """Copy the datasets next to the spec: the engine reads plain local files only."""
     workdir = Path(settings.WORKER_RUNS_DIR) / f"job-{job.pk}"
     if workdir.exists():
         shutil.rmtree(workdir)
     (workdir / "out").mkdir(parents=True)
-    # The suffix tells the reader the container (CSV, TSV, JSON array or JSON Lines).
-    dataset_path = workdir / ("dataset" + (Path(job.dataset.original_filename).suffix.lower() or ".jsonl"))
-    with job.dataset.file.open("rb") as source, open(dataset_path, "wb") as target:
-        shutil.copyfileobj(source, target)
     run = TrainingRun(
         spec=JobSpec.model_validate(job.spec),
         model_path=job.base_model.path,
-        dataset_path=str(dataset_path),
+        dataset_path=copy_dataset(job.dataset, workdir, "dataset"),
         dataset_format=job.dataset.format,
         column_map=job.dataset.column_map,
     )
+    if job.validation_dataset:
+        run.eval_dataset_path = copy_dataset(job.validation_dataset, workdir, "validation")
+        run.eval_dataset_format = job.validation_dataset.format
+        run.eval_column_map = job.validation_dataset.column_map
     spec_path = workdir / "spec.json"
     spec_path.write_text(run.model_dump_json(indent=2))
     return workdir, spec_path
@@ -92,7 +105,7 @@ class ProgressReporter:
         self.job_fields = {}
         self.finished = None
         self.error = None
-        self.adapter_dir = None
+        self.artifact_dirs = {}  # kind -> directory relative to OUTDIR
 
     def handle(self, event):
         kind = event.get("event")
@@ -139,17 +152,12 @@ class ProgressReporter:
             self.job_fields.update(eval_loss=event.get("eval_loss"), eval_accuracy=event.get("eval_accuracy"))
         elif kind == "checkpoint":
             lifecycle.log_event(self.job, f"checkpoint saved at step {event['step']}")
-        elif kind == "artifact" and event.get("kind") == "adapter":
-            self.adapter_dir = event["path"]
+        elif kind == "artifact" and event.get("kind") in Artifact.Kind.values:
+            self.artifact_dirs[event["kind"]] = event["path"]
         elif kind == "finished":
             self.finished = event
-            self.job_fields.update(
-                step=event["steps"],
-                train_loss=event.get("train_loss"),
-                eval_loss=event.get("eval_loss"),
-                eval_accuracy=event.get("eval_accuracy"),
-                wall_time_s=event.get("wall_time_s"),
-            )
+            self.job_fields.update(step=event["steps"])
+            self.job_fields.update({name: event.get(name) for name in FINAL_MEASUREMENTS if name in event})
         elif kind == "error":
             self.error = event.get("message", "the trainer failed")
         elif kind == "log":
@@ -209,9 +217,10 @@ def run_claimed_job(job):
 
     if cancelled or (job.cancel_requested_at and returncode != 0):
         lifecycle.transition(job, Job.Status.CANCELLED, f"cancelled at step {job.step}; the trainer was stopped")
-    elif returncode == 0 and reporter.finished and reporter.adapter_dir:
+    elif returncode == 0 and reporter.finished and Artifact.Kind.ADAPTER in reporter.artifact_dirs:
         try:
-            store_adapter(job, outdir / reporter.adapter_dir, workdir)
+            for kind, directory in reporter.artifact_dirs.items():
+                store_artifact(job, kind, outdir / directory, workdir)
         except OSError as exc:
             lifecycle.transition(job, Job.Status.FAILED, f"could not store the adapter: {exc}", error_message=str(exc))
             return job
@@ -231,20 +240,22 @@ def explain_exit(returncode, log_path):
     return f"the trainer exited with code {returncode}" + (f":\n{tail[-1500:]}" if tail else "")
 
 
-def store_adapter(job, adapter_dir, workdir):
-    """Zip the PEFT adapter, checksum it, and save it through the storage API."""
-    zip_path = workdir / "adapter.zip"
+def store_artifact(job, kind, directory, workdir):
+    """Zip an output directory, checksum it, and save it through the storage API."""
+    zip_path = workdir / f"{kind}.zip"
     with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as archive:
-        for path in sorted(adapter_dir.rglob("*")):
+        for path in sorted(directory.rglob("*")):
             if path.is_file():
-                archive.write(path, path.relative_to(adapter_dir).as_posix())
+                archive.write(path, path.relative_to(directory).as_posix())
     digest = hashlib.sha256()
     with open(zip_path, "rb") as file:
         for chunk in iter(lambda: file.read(1 << 20), b""):
             digest.update(chunk)
-    artifact = Artifact(job=job, kind=Artifact.Kind.ADAPTER, size=zip_path.stat().st_size, sha256=digest.hexdigest())
+    artifact = Artifact(job=job, kind=kind, size=zip_path.stat().st_size, sha256=digest.hexdigest())
     with open(zip_path, "rb") as file:
-        artifact.file.save("adapter.zip", File(file), save=False)
+        artifact.file.save(f"{kind}.zip", File(file), save=False)
     artifact.save()
-    lifecycle.log_event(job, f"adapter stored ({artifact.size:,} bytes, sha256 {artifact.sha256[:12]}…)")
+    lifecycle.log_event(
+        job, f"{artifact.get_kind_display()} stored ({artifact.size:,} bytes, sha256 {artifact.sha256[:12]}…)"
+    )
     return artifact

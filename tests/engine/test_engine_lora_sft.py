@@ -26,7 +26,9 @@ EVENT_KEYS = {
     "checkpoint": {"step", "path"},
     "artifact": {"kind", "path"},
     "finished": {
-        "steps", "train_loss", "eval_loss", "eval_accuracy", "wall_time_s", "trainable_params", "total_params",
+        "steps", "train_loss", "eval_loss", "eval_accuracy", "eval_f1", "perplexity", "wall_time_s",
+        "trainable_params", "total_params", "tokens_per_sec", "peak_memory_mb", "artifact_bytes", "latency_ms",
+        "latency_merged_ms",
     },
     "log": {"message"},
 }

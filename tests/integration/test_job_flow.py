@@ -33,7 +33,7 @@ def instruction_dataset(team_user, data_dirs, tmp_path):
 
 def job_form(dataset, **overrides):
     return {
-        "name": "spine", "base_model": "tiny-random-llama", "dataset": dataset.pk,
+        "name": "spine", "base_model": "tiny-random-llama", "dataset": dataset.pk, "method": "lora",
         "r": 8, "alpha": 16, "dropout": 0.0, "target_preset": "all_linear", "custom_targets": "",
         "epochs": 1, "max_steps": 40, "batch_size": 8, "learning_rate": 0.01, "max_seq_length": 64,
         "warmup_steps": 0, "eval_fraction": 0.1, "checkpoint_every": 10, "seed": 7,

@@ -25,7 +25,7 @@ def test_bad_values_are_refused_with_the_field_named():
         "method": {"r": 0, "dropout": 1.5},
         "hyperparameters": {"learning_rate": -1, "batch_size": 0},
     })
-    assert fields == {"method.r", "method.dropout", "hyperparameters.learning_rate", "hyperparameters.batch_size"}
+    assert fields == {"method.lora.r", "method.lora.dropout", "hyperparameters.learning_rate", "hyperparameters.batch_size"}
 
 
 def test_unknown_fields_are_refused_not_ignored():
@@ -48,3 +48,19 @@ def test_custom_target_modules_must_name_something():
 def test_spec_round_trips_through_json():
     spec = JobSpec.model_validate({"base_model": "m", "dataset": 1, "hyperparameters": {"max_steps": 30}})
     assert JobSpec.model_validate_json(spec.model_dump_json()) == spec
+
+
+def test_each_method_has_its_own_settings_checked():
+    assert error_fields({"base_model": "m", "dataset": 1, "method": {"type": "qlora", "bits": 3}}) == {"method.qlora.bits"}
+    assert error_fields({"base_model": "m", "dataset": 1, "method": {"type": "adapter", "activation": "tanh"}}) == {
+        "method.adapter.activation"
+    }
+    assert error_fields({"base_model": "m", "dataset": 1, "method": {"type": "prefix", "r": 8}}) == {"method.prefix.r"}
+    assert error_fields({"base_model": "m", "dataset": 1, "method": {"type": "sparse"}}) == {"method"}
+
+
+def test_a_merged_export_is_refused_for_methods_that_cannot_merge():
+    with pytest.raises(ValidationError, match="export_merged: Bottleneck adapters have a non-linearity"):
+        JobSpec.model_validate({"base_model": "m", "dataset": 1, "method": {"type": "adapter"}, "export_merged": True})
+    spec = JobSpec.model_validate({"base_model": "m", "dataset": 1, "method": {"type": "ia3"}, "export_merged": True})
+    assert spec.export_merged and spec.method.target_modules == "default"

@@ -17,7 +17,7 @@ def instruction_dataset(team_user, data_dirs):
 @pytest.fixture
 def form_data(catalogue, instruction_dataset):
     return {
-        "name": "first", "base_model": "tiny-random-llama", "dataset": instruction_dataset.pk,
+        "name": "first", "base_model": "tiny-random-llama", "dataset": instruction_dataset.pk, "method": "lora",
         "r": 8, "alpha": 16, "dropout": 0.05, "target_preset": "attention_qv", "custom_targets": "",
         "epochs": 1, "max_steps": 5, "batch_size": 4, "learning_rate": 0.001, "max_seq_length": 64,
         "warmup_steps": 0, "eval_fraction": 0.25, "checkpoint_every": 50, "seed": 1,
@@ -105,3 +105,55 @@ def test_another_teams_job_and_artifact_are_not_found(client, team_user, other_t
     assert client.post(reverse("job_cancel", args=[job.pk])).status_code == 404
     assert Job.objects.get().status == "queued"
     assert "first" not in client.get(reverse("job_list")).content.decode()
+
+
+@pytest.mark.parametrize(
+    "settings_, expected_method",
+    [
+        ({"method": "dora", "r": 4}, {"type": "dora", "r": 4, "target_modules": "attention_qv"}),
+        ({"method": "qlora", "bits": 8}, {"type": "qlora", "bits": 8, "quant_type": "nf4", "double_quant": False}),
+        ({"method": "ia3", "target_preset": "attention_qv"}, {"type": "ia3", "target_modules": "default"}),
+        ({"method": "ia3", "target_preset": "custom", "custom_targets": "k_proj, v_proj"},
+         {"type": "ia3", "target_modules": ["k_proj", "v_proj"]}),
+        ({"method": "adapter", "placement": "parallel", "bottleneck_size": 32, "activation": "silu"},
+         {"type": "adapter", "placement": "parallel", "bottleneck_size": 32, "activation": "silu"}),
+        ({"method": "prompt", "num_virtual_tokens": 8, "init_text": "Reverse the word"},
+         {"type": "prompt", "num_virtual_tokens": 8, "init_text": "Reverse the word"}),
+        ({"method": "prefix", "num_virtual_tokens": 4}, {"type": "prefix", "num_virtual_tokens": 4}),
+        ({"method": "full"}, {"type": "full"}),
+    ],
+)
+def test_each_method_is_submitted_with_its_own_settings(client, team_user, form_data, settings_, expected_method):
+    client.force_login(team_user)
+    response = submit(client, form_data | settings_)
+    assert response.status_code == 302, response.context["form"].errors
+    method = Job.objects.get().spec["method"]
+    assert method.items() >= expected_method.items()
+    # Settings of the other methods do not leak into this one's section.
+    assert set(method) <= {"type", *type_fields(expected_method["type"])}
+
+
+def type_fields(method_type):
+    from jobs.spec import JobSpec
+
+    spec = JobSpec.model_validate({"base_model": "m", "dataset": 1, "method": {"type": method_type}})
+    return set(spec.method.model_dump())
+
+
+@pytest.mark.parametrize(
+    "change, field, message",
+    [
+        ({"target_preset": "custom", "custom_targets": "q_proj, query_proj"}, "custom_targets",
+         "query_proj not found in tiny-random-llama; its linear layers are: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"),
+        ({"method": "adapter", "bottleneck_size": 512}, "bottleneck_size",
+         "bottleneck_size 512 is larger than tiny-random-llama's hidden size 256"),
+        ({"method": "adapter", "export_merged": "on"}, "export_merged", "cannot fold into the base weights"),
+        ({"method": "prompt", "num_virtual_tokens": 0}, "num_virtual_tokens", "greater than or equal to 1"),
+    ],
+)
+def test_a_method_that_does_not_fit_the_model_is_refused_with_the_reason(client, team_user, form_data, change, field, message):
+    client.force_login(team_user)
+    response = submit(client, form_data | change)
+    assert response.status_code == 200
+    assert message in " ".join(response.context["form"].errors[field])
+    assert not Job.objects.exists()

@@ -41,13 +41,23 @@ def load_training_data(run, tokenizer, log=print):
         raise ValueError(f"a sequence classification job needs a classification dataset, not {run.dataset_format!r}")
     if kind == "sft" and isinstance(examples[0], tuple):
         raise ValueError("a causal LM fine-tuning job needs an SFT dataset (prompt/completion, alpaca, chat or text)")
-    train_examples, eval_examples = split_train_eval(examples, hyperparameters.eval_fraction, hyperparameters.seed)
+    if run.eval_dataset_path:
+        # A separate validation file replaces the held-out split.
+        train_examples = examples
+        eval_examples = load_examples(run.eval_dataset_path, run.eval_dataset_format, run.eval_column_map)
+        if isinstance(eval_examples[0], tuple) != isinstance(examples[0], tuple):
+            raise ValueError("the validation dataset is not of the same kind as the training dataset")
+    else:
+        train_examples, eval_examples = split_train_eval(examples, hyperparameters.eval_fraction, hyperparameters.seed)
     max_length = hyperparameters.max_seq_length
 
     if kind == "classification":
-        label_names = sorted({label for _, label in examples})
+        label_names = sorted({label for _, label in train_examples})
         if len(label_names) < 2:
             raise ValueError(f"classification needs at least two different labels, the dataset has {label_names}")
+        unseen = sorted({label for _, label in eval_examples} - set(label_names))
+        if unseen:
+            raise ValueError(f"the validation dataset has labels the training data lacks: {', '.join(unseen)}")
         label_ids = {name: index for index, name in enumerate(label_names)}
 
         def tokenize(example):

@@ -1,30 +1,60 @@
-"""Loss (and accuracy, for classification) on the held-out rows."""
+"""Loss on the held-out rows, and accuracy and macro-F1 for classification."""
+
+from dataclasses import dataclass
 
 import torch
 
 from workers.training.data import IGNORE_INDEX
 
 
+@dataclass
+class Evaluation:
+    loss: float
+    accuracy: float | None = None  # classification only
+    macro_f1: float | None = None  # classification only
+
+
 @torch.no_grad()
 def evaluate(model, loader, task):
-    """Return (eval_loss, eval_accuracy); accuracy is None for causal LM fine-tuning.
+    """Evaluate on every row of `loader`.
 
     The loss is a mean over every predicted token (SFT) or every row
     (classification) of the eval set, not a mean of batch means, so it does
     not depend on how the rows fall into batches.
     """
     model.eval()
-    loss_sum, counted, correct = 0.0, 0, 0
+    loss_sum, counted = 0.0, 0
+    predictions, labels = [], []
     for batch in loader:
         outputs = model(**batch)
         if task == "sequence_classification":
             count = batch["labels"].numel()
-            correct += (outputs.logits.argmax(dim=-1) == batch["labels"]).sum().item()
+            predictions.append(outputs.logits.argmax(dim=-1))
+            labels.append(batch["labels"])
         else:
             # The model predicts token t+1 from position t, so the first label is never a target.
             count = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().item()
         loss_sum += outputs.loss.item() * count
         counted += count
     model.train()
-    accuracy = correct / counted if task == "sequence_classification" else None
-    return loss_sum / counted, accuracy
+    if task != "sequence_classification":
+        return Evaluation(loss_sum / counted)
+    predictions, labels = torch.cat(predictions), torch.cat(labels)
+    accuracy = (predictions == labels).float().mean().item()
+    return Evaluation(loss_sum / counted, accuracy, macro_f1(predictions, labels))
+
+
+def macro_f1(predictions, labels):
+    """The mean over classes of F1 = 2·TP / (2·TP + FP + FN).
+
+    Over the classes that occur among the labels or the predictions, as
+    scikit-learn counts them, so that a class the eval split lacks does not
+    count as a zero.
+    """
+    scores = []
+    for label in torch.cat([predictions, labels]).unique():
+        true_positives = ((predictions == label) & (labels == label)).sum().item()
+        false_positives = ((predictions == label) & (labels != label)).sum().item()
+        false_negatives = ((predictions != label) & (labels == label)).sum().item()
+        scores.append(2 * true_positives / (2 * true_positives + false_positives + false_negatives))
+    return sum(scores) / len(scores)

@@ -1,38 +1,37 @@
-"""Writing what a run leaves behind: the adapter and the checkpoints on the way.
+"""Writing what a run leaves behind: the method's artifact, the checkpoints on the way, a merged model.
 
-Artifacts are safetensors and JSON only, in the layout that
-`PeftModel.from_pretrained(base_model, directory)` reads unchanged.
+Artifacts are safetensors and JSON only. Each method writes its own artifact
+(peft-based ones in the layout `PeftModel.from_pretrained(base_model, directory)`
+reads unchanged); this module decides where things go.
 """
 
 import json
 from pathlib import Path
 
-ADAPTER_DIR = "adapter"
+ADAPTER_DIR = "adapter"  # every method's main artifact, a full fine-tuned model included
+MERGED_DIR = "merged"
 CHECKPOINTS_DIR = "checkpoints"
 LABELS_FILE = "labels.json"
 TRAINER_STATE_FILE = "trainer_state.json"
 
 
-def save_adapter(model, directory, base_model_name, label_names=None):
-    """Save the trainable part of `model` (a peft model) into `directory`."""
-    directory = Path(directory)
-    # The adapter config would otherwise name the base model by its path on this
-    # worker, which means nothing to whoever downloads the adapter.
-    for config in model.peft_config.values():
-        config.base_model_name_or_path = base_model_name
-    # The engine never resizes embeddings, and "auto" would ask the hub whether the base model's vocabulary changed.
-    model.save_pretrained(directory, safe_serialization=True, save_embedding_layers=False)
-    # peft adds a README model card; the artifact keeps to safetensors + JSON.
-    (directory / "README.md").unlink(missing_ok=True)
+def write_label_names(directory, label_names):
+    """The label names in id order, beside a classifier's artifact: its outputs mean nothing without them."""
     if label_names is not None:
-        # The label names in id order: a classifier's outputs mean nothing without them.
-        (directory / LABELS_FILE).write_text(json.dumps(label_names))
-    return directory
+        (Path(directory) / LABELS_FILE).write_text(json.dumps(label_names))
 
 
-def save_checkpoint(model, outdir, step, epoch, base_model_name, label_names=None):
-    """Save the adapter so far plus the step it was taken at; return its path relative to outdir."""
+def save_checkpoint(method, model, outdir, step, epoch, base_model_name, label_names=None):
+    """Save the method's artifact so far plus the step it was taken at; return its path relative to outdir."""
     relative = Path(CHECKPOINTS_DIR) / f"step-{step:06d}"
-    directory = save_adapter(model, Path(outdir) / relative, base_model_name, label_names)
+    directory = Path(outdir) / relative
+    method.save(model, directory, base_model_name, label_names)
     (directory / TRAINER_STATE_FILE).write_text(json.dumps({"step": step, "epoch": epoch}))
     return relative.as_posix()
+
+
+def save_merged(model, tokenizer, directory):
+    """A standalone model, loadable with plain `from_pretrained`: weights in safetensors, config, tokenizer."""
+    model.save_pretrained(directory)  # transformers 5 writes safetensors only
+    tokenizer.save_pretrained(directory)
+

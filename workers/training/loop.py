@@ -1,13 +1,12 @@
-"""The training loop: one TrainingRun in, an adapter and progress lines out.
+"""The training loop: one TrainingRun in, an artifact and progress lines out.
 
 Read top to bottom: set up (seed, data, model, method, optimizer), then the
 steps (batch in, loss out, a progress line per step, evals and checkpoints on
-the way), then the artifact and a summary.
+the way), then the artifact, the measurements (and a merged model where the
+method merges) and a summary.
 """
 
 import math
-import resource
-import sys
 import time
 from collections import deque
 from pathlib import Path
@@ -17,9 +16,10 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import get_linear_schedule_with_warmup
 
+from workers.training import measure
 from workers.training.data import load_training_data, make_loader
 from workers.training.evaluate import evaluate
-from workers.training.export import ADAPTER_DIR, save_adapter, save_checkpoint
+from workers.training.export import ADAPTER_DIR, MERGED_DIR, save_checkpoint, save_merged
 from workers.training.methods import METHODS
 from workers.training.modeling import architecture_family, count_parameters, load_model, load_tokenizer
 
@@ -27,10 +27,21 @@ RECENT_STEPS = 10  # the final train_loss is the mean over this many last steps,
 
 
 def train(run, outdir, progress):
-    """Train as `run` says, writing into `outdir`; return the trained model."""
+    """Train as `run` says, writing into `outdir`; return the trained model.
+
+    Where the method merges in place (LoRA, DoRA, IA³), the returned model has
+    been merged for the latency measurement: it computes the same function,
+    up to float rounding, but no longer holds the method's layers.
+    """
     wall_start = time.perf_counter()
     outdir = Path(outdir)
     spec, hyperparameters = run.spec, run.spec.hyperparameters
+    method = METHODS[spec.method.type]
+    can_merge = hasattr(method, "merge")
+    # JobSpec refuses this at submission already; this guards a method missing from its table,
+    # which would otherwise fail only after training.
+    if spec.export_merged and not can_merge:
+        raise ValueError(f"export_merged: {method.CANNOT_MERGE}")
     set_seed(hyperparameters.seed)
     on_gpu = torch.cuda.is_available()
     # bf16 keeps fp32's range, so it needs no loss scaling; GPUs without it train in full precision.
@@ -47,8 +58,11 @@ def train(run, outdir, progress):
     eval_loader = make_loader(data.eval, hyperparameters.batch_size, data.pad_token_id)
 
     # --- model and method ---
-    model = load_model(run, data.label_names, data.pad_token_id)
-    model = METHODS[spec.method.type].apply(model, spec.method, spec.task, architecture_family(model))
+    base_model_kwargs = {}
+    if hasattr(method, "base_model_kwargs"):
+        base_model_kwargs = method.base_model_kwargs(spec.method, spec.task, on_gpu)
+    model = load_model(run, data.label_names, data.pad_token_id, **base_model_kwargs)
+    model = method.apply(model, spec.method, spec.task, architecture_family(model))
     trainable_params, total_params = count_parameters(model)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
@@ -76,18 +90,24 @@ def train(run, outdir, progress):
 
     def save_a_checkpoint(step):
         path = save_checkpoint(
-            accelerator.unwrap_model(model), outdir, step, step / steps_per_epoch, spec.base_model, data.label_names
+            method,
+            accelerator.unwrap_model(model),
+            outdir,
+            step,
+            step / steps_per_epoch,
+            spec.base_model,
+            data.label_names,
         )
         progress.emit("checkpoint", step=step, path=path)
 
     def run_eval(step):
-        eval_loss, eval_accuracy = evaluate(model, eval_loader, spec.task)
-        progress.emit("eval", step=step, eval_loss=eval_loss, eval_accuracy=eval_accuracy)
-        return eval_loss, eval_accuracy
+        evaluation = evaluate(model, eval_loader, spec.task)
+        progress.emit("eval", step=step, eval_loss=evaluation.loss, eval_accuracy=evaluation.accuracy)
+        return evaluation
 
     # --- the steps ---
     model.train()
-    step, tokens_seen = 0, 0
+    step, tokens_seen, training_seconds = 0, 0, 0.0
     recent_losses = deque(maxlen=RECENT_STEPS)
     step_start = time.perf_counter()
     while step < total_steps:
@@ -109,6 +129,7 @@ def train(run, outdir, progress):
             tokens = int(batch["attention_mask"].sum())  # real tokens, not padding
             tokens_seen += tokens
             now = time.perf_counter()
+            training_seconds += now - step_start
             progress.emit(
                 "step",
                 step=step,
@@ -118,7 +139,7 @@ def train(run, outdir, progress):
                 tokens_per_sec=tokens / (now - step_start),
                 tokens_seen=tokens_seen,
                 gpu_memory_mb=torch.cuda.max_memory_allocated() / 2**20 if on_gpu else None,
-                cpu_memory_mb=_peak_cpu_memory_mb(),
+                cpu_memory_mb=measure.peak_cpu_memory_mb(),
             )
 
             # The last step is evaluated after the loop anyway.
@@ -133,26 +154,45 @@ def train(run, outdir, progress):
             step_start = time.perf_counter()
 
     # --- the result ---
-    eval_loss, eval_accuracy = run_eval(step) if data.eval else (None, None)
+    evaluation = run_eval(step) if data.eval else None
+    # Taken now: merging below may load another copy of the base (QLoRA reloads it unquantized).
+    peak_memory_mb = measure.peak_memory_mb()
     # Without the mixed-precision wrapper, the model returned computes in full
-    # precision, as the saved adapter will when loaded.
+    # precision, as the saved artifact will when loaded.
     trained_model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
-    save_adapter(trained_model, outdir / ADAPTER_DIR, spec.base_model, data.label_names)
+    method.save(trained_model, outdir / ADAPTER_DIR, spec.base_model, data.label_names)
     progress.emit("artifact", kind="adapter", path=ADAPTER_DIR)
+
+    # --- inference latency, unmerged and merged ---
+    # Timed on one eval batch (a train batch when nothing is held out), in the precision the job trained in.
+    latency_batch = next(iter(eval_loader if data.eval else train_loader))
+    with accelerator.autocast():
+        latency_ms = measure.latency_ms(trained_model, latency_batch)
+    latency_merged_ms = None
+    if can_merge:
+        merged_model = method.merge(trained_model, run)
+        with accelerator.autocast():
+            latency_merged_ms = measure.latency_ms(merged_model, latency_batch)
+        if spec.export_merged:
+            save_merged(merged_model, tokenizer, outdir / MERGED_DIR)
+            progress.emit("artifact", kind="merged", path=MERGED_DIR)
+
+    sft = spec.task == "causal_lm_sft"
     progress.emit(
         "finished",
         steps=step,
         train_loss=sum(recent_losses) / len(recent_losses),
-        eval_loss=eval_loss,
-        eval_accuracy=eval_accuracy,
+        eval_loss=evaluation.loss if evaluation else None,
+        eval_accuracy=evaluation.accuracy if evaluation else None,
+        eval_f1=evaluation.macro_f1 if evaluation else None,
+        perplexity=measure.perplexity(evaluation.loss) if evaluation and sft else None,
         wall_time_s=time.perf_counter() - wall_start,
         trainable_params=trainable_params,
         total_params=total_params,
+        tokens_per_sec=tokens_seen / training_seconds,
+        peak_memory_mb=peak_memory_mb,
+        artifact_bytes=measure.size_on_disk(outdir / ADAPTER_DIR),
+        latency_ms=latency_ms,
+        latency_merged_ms=latency_merged_ms,
     )
     return trained_model
-
-
-def _peak_cpu_memory_mb():
-    # ru_maxrss is in kilobytes on Linux and in bytes on macOS.
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10

@@ -16,21 +16,27 @@ def load_tokenizer(model_path):
     return AutoTokenizer.from_pretrained(model_path)
 
 
-def load_model(run, label_names=None, pad_token_id=None):
-    """Load the base model for the run's task, in float32 (mixed precision is applied around it)."""
+def load_model(run, label_names=None, pad_token_id=None, **from_pretrained_kwargs):
+    """Load the base model for the run's task.
+
+    In float32 unless `from_pretrained_kwargs` say otherwise (mixed precision is
+    applied around the model); a method's `base_model_kwargs` come in there, e.g.
+    QLoRA's quantization.
+    """
+    from_pretrained_kwargs = {"dtype": torch.float32, **from_pretrained_kwargs}
     if run.spec.task == "sequence_classification":
         model = AutoModelForSequenceClassification.from_pretrained(
             run.model_path,
             num_labels=len(label_names),
             id2label=dict(enumerate(label_names)),
             label2id={name: index for index, name in enumerate(label_names)},
-            dtype=torch.float32,
+            **from_pretrained_kwargs,
         )
         # A classifier over a decoder reads the last non-pad token, so it has to know the pad id.
         if model.config.pad_token_id is None:
             model.config.pad_token_id = pad_token_id
         return model
-    return AutoModelForCausalLM.from_pretrained(run.model_path, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(run.model_path, **from_pretrained_kwargs)
 
 
 def architecture_family(model):
@@ -49,6 +55,14 @@ def linear_layer_names(model):
 
 
 def count_parameters(model):
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    """(trainable, total) parameters, counting the weights of a 4-bit layer as weights, not packed bytes."""
+    trainable, total = 0, 0
+    for parameter in model.parameters():
+        count = parameter.numel()
+        # bitsandbytes stores two 4-bit weights per byte of its storage dtype.
+        if type(parameter).__name__ == "Params4bit":
+            count *= 2 * parameter.element_size()
+        total += count
+        if parameter.requires_grad:
+            trainable += count
     return trainable, total

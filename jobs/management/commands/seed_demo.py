@@ -19,6 +19,7 @@ class Command(BaseCommand):
     help = "Create the demo admin, team, base model catalogue and datasets (safe to run again)."
 
     def handle(self, **options):
+        from workers.training.catalogue import describe_model
         from workers.training.tiny_model import build_tiny_llama, minilm_path
 
         User = get_user_model()
@@ -37,6 +38,7 @@ class Command(BaseCommand):
             name="tiny-random-llama",
             defaults={
                 "path": str(tiny_path),
+                "architecture_info": describe_model(tiny_path),
                 "task": "causal_lm_sft",
                 "architecture": BaseModel.Architecture.LLAMA,
                 "description": "A few-million-parameter Llama with random weights and a byte-level tokenizer, made locally for demos and tests.",
@@ -48,6 +50,7 @@ class Command(BaseCommand):
             name="all-MiniLM-L6-v2",
             defaults={
                 "path": str(minilm_path()),
+                "architecture_info": describe_model(minilm_path()),
                 "task": "sequence_classification",
                 "architecture": BaseModel.Architecture.BERT,
                 "description": "The pretrained sentence-transformers MiniLM encoder (22M parameters), for classification.",
