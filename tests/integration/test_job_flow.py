@@ -49,7 +49,7 @@ def test_a_job_submitted_in_the_browser_form_trains_on_the_worker_and_downloads(
     client, team_user, catalogue, instruction_dataset, celery_worker
 ):
     client.force_login(team_user)
-    response = client.post(reverse("job_new"), job_form(instruction_dataset))
+    response = client.post(reverse("job_new"), job_form(instruction_dataset, export_merged="on"))
     assert response.status_code == 302, response.context["form"].errors if response.context else response
     job = Job.objects.get()
 
@@ -63,10 +63,21 @@ def test_a_job_submitted_in_the_browser_form_trains_on_the_worker_and_downloads(
     assert sum(losses[-5:]) / 5 < 0.7 * losses[0], "the loss should fall clearly"
     assert Metric.objects.filter(job=job, eval_loss__isnull=False).exists()
 
+    # Measured by the worker at the end of the job.
+    assert job.perplexity > 1 and job.peak_memory_mb > 0 and job.artifact_bytes > 0
+    assert job.latency_ms > 0 and job.latency_merged_ms > 0 and job.eval_f1 is None
+
     page = client.get(reverse("job_detail", args=[job.pk])).content.decode()
     assert "succeeded" in page and "Download Adapter" in page and f"{job.train_loss:.4f}" in page
+    assert "Download Merged model" in page and "Perplexity" in page
 
-    artifact = job.artifacts.get()
+    merged = job.artifacts.get(kind="merged")
+    body = b"".join(client.get(reverse("artifact_download", args=[merged.pk])).streaming_content)
+    with zipfile.ZipFile(io.BytesIO(body)) as archive:
+        assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(archive.namelist())
+        assert not [name for name in archive.namelist() if name.endswith((".bin", ".pt", ".pkl"))]
+
+    artifact = job.artifacts.get(kind="adapter")
     download = client.get(reverse("artifact_download", args=[artifact.pk]))
     assert download.status_code == 200
     assert download["Content-Disposition"] == 'attachment; filename="spine-adapter.zip"'

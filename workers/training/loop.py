@@ -161,6 +161,9 @@ def train(run, outdir, progress):
     # precision, as the saved artifact will when loaded.
     trained_model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     method.save(trained_model, outdir / ADAPTER_DIR, spec.base_model, data.label_names)
+    if spec.method.type == "full":
+        # The whole model is the artifact; with its tokenizer it stands alone.
+        tokenizer.save_pretrained(outdir / ADAPTER_DIR)
     progress.emit("artifact", kind="adapter", path=ADAPTER_DIR)
 
     # --- inference latency, unmerged and merged ---

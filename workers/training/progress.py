@@ -8,8 +8,10 @@ Events and their keys (the worker depends on them):
     step        step, epoch, train_loss, learning_rate, tokens_per_sec, tokens_seen, gpu_memory_mb, cpu_memory_mb
     eval        step, eval_loss, eval_accuracy
     checkpoint  step, path
-    artifact    kind, path
-    finished    steps, train_loss, eval_loss, eval_accuracy, wall_time_s, trainable_params, total_params
+    artifact    kind ("adapter": the method's artifact; "merged": a standalone merged model), path
+    finished    steps, train_loss, eval_loss, eval_accuracy, eval_f1, perplexity, wall_time_s,
+                trainable_params, total_params, tokens_per_sec, peak_memory_mb, artifact_bytes,
+                latency_ms, latency_merged_ms
     log         message
     error       message
 
