@@ -17,6 +17,7 @@ from jobs.spec import AdapterConfig
 from workers.training.methods import METHODS, adapter
 from workers.training.methods.bottleneck import adapter_modules
 from workers.training.modeling import architecture_family, count_parameters
+from tests.engine.steps import logits_of, train_steps
 
 PLACEMENTS = ["houlsby", "pfeiffer", "parallel"]
 ADAPTERS_PER_LAYER = {"houlsby": 2, "pfeiffer": 1, "parallel": 1}
@@ -45,24 +46,7 @@ def with_adapters(model, task="causal_lm_sft", **config):
     return adapter.apply(model, AdapterConfig(**config), task, architecture_family(model))
 
 
-def train(model, batch, steps, learning_rate):
-    """Plain steps on one batch; returns the losses."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
 
-
-@torch.no_grad()
-def logits_of(model, batch):
-    model.eval()
-    return model(**{key: value for key, value in batch.items() if key != "labels"}).logits
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +120,7 @@ def test_only_the_adapters_train_and_their_count_is_the_formula(placement, confi
 @pytest.mark.parametrize("placement", PLACEMENTS)
 def test_training_lowers_the_loss_and_the_artifact_reproduces_the_model(placement, tiny_llama, text_batch, tmp_path):
     model = with_adapters(tiny_llama(), placement=placement, activation="silu", scaling=2.0)
-    losses = train(model, text_batch, steps=12, learning_rate=1e-2)
+    losses = train_steps(model, text_batch, steps=12, learning_rate=1e-2)
     assert losses[-1] < 0.9 * losses[0], losses
     # Every adapter is in the forward pass: its up-projection got gradients and left zero.
     assert all(module.up.weight.abs().sum() > 0 for module in adapter_modules(model).values())
@@ -274,7 +258,7 @@ def test_minilm_classifier_trains_adapters_and_head_and_reloads(placement, minil
     assert count_parameters(model)[0] == adapters * per_adapter_parameters(hidden_size, hidden_size // 16) + head
 
     head_before = model.classifier.weight.detach().clone()
-    losses = train(model, review_batch, steps=10, learning_rate=3e-3)
+    losses = train_steps(model, review_batch, steps=10, learning_rate=3e-3)
     assert losses[-1] < 0.7 * losses[0], losses
     assert not torch.equal(model.classifier.weight, head_before)
 

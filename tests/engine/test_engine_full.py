@@ -9,27 +9,12 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from jobs.spec import FullFineTuningConfig
 from workers.training.methods import METHODS, full
 from workers.training.modeling import architecture_family, count_parameters
+from tests.engine.steps import logits_of, train_steps
 
 TEXTS = ["Every weight trains in full fine-tuning.", "It is the baseline the adapters are judged against."]
 
 
-def train(model, batch, steps, learning_rate):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
 
-
-@torch.no_grad()
-def logits_of(model, batch):
-    model.eval()
-    return model(**{key: value for key, value in batch.items() if key != "labels"}).logits
 
 
 def test_registered_and_nothing_to_merge():
@@ -48,7 +33,7 @@ def test_every_weight_trains_and_the_saved_model_reproduces_it(tiny_llama_path, 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_path)
     batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
     batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    losses = train(model, batch, steps=8, learning_rate=1e-3)
+    losses = train_steps(model, batch, steps=8, learning_rate=1e-3)
     assert losses[-1] < 0.8 * losses[0], losses
 
     trained = logits_of(model, batch)
@@ -73,7 +58,7 @@ def test_a_classifier_keeps_its_label_names(minilm, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(minilm)
     batch = tokenizer(["a fine film", "a dull film"], padding=True, return_tensors="pt")
     batch["labels"] = torch.tensor([1, 0])
-    train(model, batch, steps=2, learning_rate=1e-4)
+    train_steps(model, batch, steps=2, learning_rate=1e-4)
 
     trained = logits_of(model, batch)
     full.save(model, tmp_path, "all-MiniLM-L6-v2", label_names=label_names)
