@@ -1,7 +1,7 @@
 from django import forms
 from django.contrib import admin
 
-from .models import Artifact, BaseModel, Dataset, Job, JobEvent, Membership, Metric, Team, Worker
+from .models import ApiToken, Artifact, BaseModel, Checkpoint, Dataset, Job, JobEvent, Membership, Metric, Team, Worker
 
 
 class MembershipInline(admin.TabularInline):
@@ -73,6 +73,19 @@ class ArtifactAdmin(admin.ModelAdmin):
 @admin.register(Worker)
 class WorkerAdmin(admin.ModelAdmin):
     list_display = ["hostname", "accelerator", "is_online", "last_heartbeat", "current_job"]
+
+
+@admin.register(Checkpoint)
+class CheckpointAdmin(admin.ModelAdmin):
+    list_display = ["job", "step", "path", "created_at"]
+
+
+@admin.register(ApiToken)
+class ApiTokenAdmin(admin.ModelAdmin):
+    list_display = ["name", "user", "prefix", "created_at", "last_used_at", "revoked_at"]
+    # The hash is useless to read and must not be edited into a known value.
+    exclude = ["hashed_secret"]
+    readonly_fields = ["prefix", "last_used_at"]
 
 
 admin.site.register(Membership)

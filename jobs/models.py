@@ -1,4 +1,6 @@
+import hashlib
 import json
+import secrets
 import uuid
 from datetime import timedelta
 
@@ -282,3 +284,59 @@ class Worker(models.Model):
     @property
     def seconds_since_heartbeat(self):
         return (timezone.now() - self.last_heartbeat) / timedelta(seconds=1)
+
+
+class Checkpoint(models.Model):
+    """A checkpoint the trainer wrote, at `path` relative to the job's output directory on its worker."""
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="checkpoints")
+    step = models.IntegerField()
+    path = models.CharField(max_length=300)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["step", "id"]
+
+    def __str__(self):
+        return f"{self.job} at step {self.step}"
+
+
+def hash_token(token):
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class ApiToken(models.Model):
+    """A bearer token for the API. Only the sha256 of the token is stored; the user sees it once."""
+
+    TOKEN_START = "td-"
+    PREFIX_LENGTH = 10  # "td-" and 7 characters: enough to tell tokens apart in the list
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
+    name = models.CharField(max_length=100)
+    prefix = models.CharField(max_length=PREFIX_LENGTH)
+    hashed_secret = models.CharField(max_length=64, unique=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self):
+        return f"{self.name} ({self.prefix}…)"
+
+    @classmethod
+    def issue(cls, user, name):
+        """Create a token; return the row and the token itself, which is not kept anywhere."""
+        token = cls.TOKEN_START + secrets.token_urlsafe(32)
+        row = cls.objects.create(user=user, name=name, prefix=token[: cls.PREFIX_LENGTH], hashed_secret=hash_token(token))
+        return row, token
+
+    @property
+    def is_revoked(self):
+        return self.revoked_at is not None
+
+    def revoke(self):
+        if self.revoked_at is None:
+            self.revoked_at = timezone.now()
+            self.save(update_fields=["revoked_at"])

@@ -1,14 +1,14 @@
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import FileResponse
-from django.shortcuts import redirect, render
+from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
 from . import lifecycle
 from .charts import loss_chart
 from .datasets import KIND_OF_TASK
 from .forms import DatasetUploadForm, JobForm
-from .models import Artifact, BaseModel, Dataset, Job, Worker
+from .models import ApiToken, Artifact, BaseModel, Dataset, Job, Worker
 from .submission import SubmissionError, submit_job
 from .teams import current_team, get_visible_or_404, visible
 
@@ -140,3 +140,26 @@ def artifact_download(request, pk):
 @login_required
 def worker_list(request):
     return render(request, "jobs/worker_list.html", {"workers": Worker.objects.select_related("current_job")})
+
+
+@login_required
+def token_list(request):
+    """Create and list API tokens; a new token is shown on this response only, never again."""
+    new_token = None
+    if request.method == "POST":
+        name = request.POST.get("name", "").strip()[:100]
+        if not name:
+            messages.error(request, "give the token a name, e.g. the script or notebook that will use it")
+        else:
+            _, new_token = ApiToken.issue(request.user, name)
+    tokens = ApiToken.objects.filter(user=request.user)
+    return render(request, "jobs/token_list.html", {"tokens": tokens, "new_token": new_token})
+
+
+@login_required
+@require_POST
+def token_revoke(request, pk):
+    token = get_object_or_404(ApiToken, pk=pk, user=request.user)
+    token.revoke()
+    messages.info(request, f"{token.name} is revoked; requests with it now get 401")
+    return redirect("token_list")

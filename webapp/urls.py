@@ -1,6 +1,6 @@
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
-from django.urls import path
+from django.urls import include, path
 
 from jobs import views
 
@@ -17,5 +17,8 @@ urlpatterns = [
     path("jobs/<int:pk>/cancel/", views.job_cancel, name="job_cancel"),
     path("artifacts/<int:pk>/download/", views.artifact_download, name="artifact_download"),
     path("workers/", views.worker_list, name="worker_list"),
+    path("tokens/", views.token_list, name="token_list"),
+    path("tokens/<int:pk>/revoke/", views.token_revoke, name="token_revoke"),
+    path("v1/", include("jobs.openai_api")),
     path("admin/", admin.site.urls),
 ]

@@ -23,7 +23,7 @@ from django.conf import settings
 from django.core.files import File
 
 from jobs import lifecycle
-from jobs.models import Artifact, Job, Metric
+from jobs.models import Artifact, Checkpoint, Job, Metric
 from jobs.spec import JobSpec, TrainingRun
 
 log = logging.getLogger(__name__)
@@ -151,6 +151,7 @@ class ProgressReporter:
             )
             self.job_fields.update(eval_loss=event.get("eval_loss"), eval_accuracy=event.get("eval_accuracy"))
         elif kind == "checkpoint":
+            Checkpoint.objects.create(job=self.job, step=event["step"], path=event["path"])
             lifecycle.log_event(self.job, f"checkpoint saved at step {event['step']}")
         elif kind == "artifact" and event.get("kind") in Artifact.Kind.values:
             self.artifact_dirs[event["kind"]] = event["path"]
