@@ -1,9 +1,10 @@
 from django import forms
+from django.contrib.auth import get_user_model
 from django.conf import settings
 from pydantic import ValidationError
 
 from . import datasets
-from .models import BaseModel, Dataset
+from .models import BaseModel, Dataset, Membership, Team
 from .spec import CANNOT_MERGE_REASONS, METHOD_LABELS, AdapterConfig, JobSpec, LoraConfig, QLoraConfig
 from .submission import SubmissionError, check_against_catalogue
 from .uploads import store_dataset
@@ -193,3 +194,30 @@ class JobForm(forms.Form):
             check_against_catalogue(self.team, self.spec)
         except SubmissionError as error:
             self.add_error(self._field_for(error.field), error.message)
+
+
+class TeamQuotaForm(forms.ModelForm):
+    class Meta:
+        model = Team
+        fields = ["max_running_jobs", "max_queued_jobs"]
+
+
+class AddMemberForm(forms.Form):
+    username = forms.CharField(max_length=150)
+    role = forms.ChoiceField(choices=Membership.Role.choices, initial=Membership.Role.MEMBER)
+
+    def __init__(self, *args, team, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.team = team
+
+    def clean_username(self):
+        username = self.cleaned_data["username"]
+        self.user = get_user_model().objects.filter(username=username).first()
+        if self.user is None:
+            raise forms.ValidationError(f"no user named {username!r}")
+        if Membership.objects.filter(team=self.team, user=self.user).exists():
+            raise forms.ValidationError(f"{username} is already in team {self.team}")
+        return username
+
+    def save(self):
+        return Membership.objects.create(team=self.team, user=self.user, role=self.cleaned_data["role"])

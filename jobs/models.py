@@ -14,6 +14,9 @@ from .spec import CANNOT_MERGE_REASONS, METHOD_LABELS
 class Team(models.Model):
     name = models.CharField(max_length=100, unique=True)
     created_at = models.DateTimeField(auto_now_add=True)
+    # Empty means no limit.
+    max_running_jobs = models.PositiveIntegerField(null=True, blank=True, help_text="jobs training at once")
+    max_queued_jobs = models.PositiveIntegerField(null=True, blank=True, help_text="jobs waiting for a worker")
 
     def __str__(self):
         return self.name

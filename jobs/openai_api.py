@@ -36,7 +36,7 @@ from . import lifecycle
 from .api_auth import token_user
 from .models import BaseModel, Dataset, Job, JobEvent, Metric
 from .spec import Hyperparameters, JobSpec
-from .submission import SubmissionError, submit_job
+from .submission import QuotaExceeded, SubmissionError, submit_job
 from .teams import current_team, get_visible_or_404, visible
 from .uploads import store_dataset
 
@@ -360,6 +360,8 @@ def jobs(request):
         job = submit_job(team, request.user, spec_from_request(body), name=body.suffix or "")
     except ValidationError as error:
         return validation_error_response(error, param_of)
+    except QuotaExceeded as error:
+        return error_response(429, error.message, code="quota_exceeded")
     except SubmissionError as error:
         return error_response(400, error.message, param=param_of(error.field))
     return JsonResponse(job_object(job))

@@ -14,6 +14,24 @@ class SubmissionError(Exception):
         super().__init__(f"{field}: {message}")
 
 
+class QuotaExceeded(SubmissionError):
+    """The job is fine, the team has too many waiting (HTTP 429, not 400)."""
+
+    def __init__(self, message):
+        super().__init__(None, message)
+
+
+def check_queue_quota(team):
+    if team.max_queued_jobs is None:
+        return
+    queued = Job.objects.filter(team=team, status=Job.Status.QUEUED).count()
+    if queued >= team.max_queued_jobs:
+        raise QuotaExceeded(
+            f"team {team.name} already has {queued} queued job(s), its quota is {team.max_queued_jobs}; "
+            "wait for one to start or cancel one"
+        )
+
+
 def check_against_catalogue(team, spec: JobSpec):
     """What pydantic cannot know: that the model and dataset exist, belong and fit together."""
     base_model = BaseModel.objects.filter(name=spec.base_model).first()
@@ -85,6 +103,7 @@ def check_method_fits_model(base_model, method):
 
 def submit_job(team, user, spec: JobSpec, name=""):
     base_model, dataset, validation_dataset = check_against_catalogue(team, spec)
+    check_queue_quota(team)
     with transaction.atomic():
         job = Job.objects.create(
             team=team,

@@ -1,14 +1,14 @@
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.http import FileResponse
+from django.http import FileResponse, Http404
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
 from . import lifecycle
 from .charts import loss_chart
 from .datasets import KIND_OF_TASK
-from .forms import DatasetUploadForm, JobForm
-from .models import ApiToken, Artifact, BaseModel, Dataset, Job, Worker
+from .forms import AddMemberForm, DatasetUploadForm, JobForm, TeamQuotaForm
+from .models import ApiToken, Artifact, BaseModel, Dataset, Job, Membership, Worker
 from .submission import SubmissionError, submit_job
 from .teams import current_team, get_visible_or_404, visible
 
@@ -163,3 +163,55 @@ def token_revoke(request, pk):
     token.revoke()
     messages.info(request, f"{token.name} is revoked; requests with it now get 401")
     return redirect("token_list")
+
+
+def _team_admin_or_404(request):
+    """The user's team, if they may manage it (team admin or staff)."""
+    team = current_team(request.user)
+    may_manage = team and (
+        request.user.is_staff or team.memberships.filter(user=request.user, role=Membership.Role.ADMIN).exists()
+    )
+    if not may_manage:
+        raise Http404("No team you manage.")
+    return team
+
+
+@login_required
+def team_detail(request):
+    team = current_team(request.user)
+    if team is None:
+        raise Http404("You belong to no team.")
+    manages = request.user.is_staff or team.memberships.filter(user=request.user, role=Membership.Role.ADMIN).exists()
+    quota_form = TeamQuotaForm(instance=team)
+    member_form = AddMemberForm(team=team)
+    if request.method == "POST":
+        team = _team_admin_or_404(request)
+        if "add_member" in request.POST:
+            member_form = AddMemberForm(request.POST, team=team)
+            if member_form.is_valid():
+                membership = member_form.save()
+                messages.success(request, f"{membership.user} joined {team} as {membership.role}")
+                return redirect("team_detail")
+        else:
+            quota_form = TeamQuotaForm(request.POST, instance=team)
+            if quota_form.is_valid():
+                quota_form.save()
+                messages.success(request, "quota saved")
+                return redirect("team_detail")
+    return render(request, "jobs/team_detail.html", {
+        "team": team, "manages": manages, "quota_form": quota_form, "member_form": member_form,
+        "memberships": team.memberships.select_related("user").order_by("user__username"),
+    })
+
+
+@login_required
+@require_POST
+def team_member_remove(request, pk):
+    team = _team_admin_or_404(request)
+    membership = get_object_or_404(Membership, pk=pk, team=team)
+    if membership.user == request.user:
+        messages.error(request, "you cannot remove yourself; ask another admin")
+    else:
+        membership.delete()
+        messages.success(request, f"{membership.user} left {team}")
+    return redirect("team_detail")

@@ -108,6 +108,8 @@ WORKER_HEARTBEAT_SECONDS = int(os.environ.get("WORKER_HEARTBEAT_SECONDS", 10))
 WORKER_OFFLINE_AFTER_SECONDS = int(os.environ.get("WORKER_OFFLINE_AFTER_SECONDS", 60))
 # How often the worker writes buffered metrics and progress of a running job.
 WORKER_REPORT_SECONDS = float(os.environ.get("WORKER_REPORT_SECONDS", 1.0))
+# A job of a team at its running-jobs quota goes back to the queue for this long.
+QUOTA_RETRY_SECONDS = int(os.environ.get("QUOTA_RETRY_SECONDS", 15))
 MODELS_DIR = Path(os.environ.get("TUNEDECK_MODELS_DIR", DATA_DIR / "models"))
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")

@@ -17,6 +17,8 @@ urlpatterns = [
     path("jobs/<int:pk>/cancel/", views.job_cancel, name="job_cancel"),
     path("artifacts/<int:pk>/download/", views.artifact_download, name="artifact_download"),
     path("workers/", views.worker_list, name="worker_list"),
+    path("team/", views.team_detail, name="team_detail"),
+    path("team/members/<int:pk>/remove/", views.team_member_remove, name="team_member_remove"),
     path("tokens/", views.token_list, name="token_list"),
     path("tokens/<int:pk>/revoke/", views.token_revoke, name="token_revoke"),
     path("v1/", include("jobs.openai_api")),

@@ -18,11 +18,11 @@ log = logging.getLogger(__name__)
 MAINTENANCE_QUEUE = "maintenance"
 
 
-@shared_task(name="workers.tasks.run_job", acks_late=True)
-def run_job(job_id):
-    from celery import current_task
-
-    hostname = current_task.request.hostname or "unknown"
+@shared_task(bind=True, name="workers.tasks.run_job", acks_late=True, max_retries=None)
+def run_job(self, job_id):
+    if must_wait_for_quota(job_id):
+        raise self.retry(countdown=settings.QUOTA_RETRY_SECONDS)
+    hostname = self.request.hostname or "unknown"
     worker = Worker.objects.filter(hostname=hostname).first() or heartbeat.register(hostname, ["training"])
     job = lifecycle.claim(job_id, worker)
     if job is None:
@@ -39,6 +39,18 @@ def run_job(job_id):
     finally:
         Worker.objects.filter(pk=worker.pk).update(current_job=None, last_heartbeat=timezone.now())
     return job.status
+
+
+def must_wait_for_quota(job_id):
+    """True when the job's team already runs as many jobs as its quota allows (said once in its events)."""
+    job = Job.objects.filter(pk=job_id, status=Job.Status.QUEUED).select_related("team").first()
+    if job is None or job.team.max_running_jobs is None:
+        return False
+    if Job.objects.filter(team=job.team, status=Job.Status.RUNNING).count() < job.team.max_running_jobs:
+        return False
+    if not job.events.filter(message__startswith="waiting:").exists():
+        lifecycle.log_event(job, f"waiting: team {job.team} is at its quota of running jobs")
+    return True
 
 
 @shared_task(name="workers.tasks.mark_silent_workers_offline")
