@@ -52,12 +52,19 @@ def transition(job, to_status, message, **fields):
     return job
 
 
-def claim(job_id, worker):
-    """Take a queued job for `worker`; None if it is gone or no longer queued."""
+def claim(job_id, worker, sent_priority=None):
+    """Take a queued job for `worker`; None if it is gone, no longer queued, or the message is stale.
+
+    A priority change queues a second message; the first one, sent for the old priority,
+    must not start the job, or a lowered job would still start at its old place in the queue.
+    (Messages from before priorities were sent carry none and still claim.)
+    """
     job = Job.objects.filter(pk=job_id).first()
     if job is None or job.status != Status.QUEUED:
         return None
     if job.cancel_requested_at:
+        return None
+    if sent_priority is not None and sent_priority != job.priority:
         return None
     try:
         return transition(job, Status.RUNNING, f"started on {worker.hostname}", worker=worker)

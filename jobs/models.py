@@ -277,12 +277,24 @@ class Worker(models.Model):
     started_at = models.DateTimeField(default=timezone.now)
     last_heartbeat = models.DateTimeField(default=timezone.now)
     current_job = models.ForeignKey(Job, on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
+    # Read through NVML; empty on a CPU-only worker.
+    gpu_name = models.CharField(max_length=255, blank=True)
+    gpu_memory_total_mb = models.IntegerField(null=True, blank=True)
+    gpu_memory_used_mb = models.IntegerField(null=True, blank=True)
+    gpu_utilisation_percent = models.IntegerField(null=True, blank=True)
+    software_versions = models.JSONField(default=dict, blank=True, help_text='e.g. {"torch": "2.8.0"}')
+    # Set by staff: the worker finishes its current job and takes no new one until resumed.
+    is_draining = models.BooleanField(default=False)
 
     class Meta:
         ordering = ["hostname"]
 
     def __str__(self):
         return self.hostname
+
+    @property
+    def queue_names(self):
+        return [name for name in self.queues.split(",") if name]
 
     @property
     def seconds_since_heartbeat(self):

@@ -122,7 +122,37 @@ def submit_job(team, user, spec: JobSpec, name=""):
     return job
 
 
+# The Redis transport serves message priority 0 first and 9 last; a job's priority is the other way
+# round (higher starts sooner, 0 by default), so a default job sits in the middle, at
+# CELERY_TASK_DEFAULT_PRIORITY, and every step up or down moves it one list nearer or further.
+MIDDLE_BROKER_PRIORITY = 5
+
+
+def broker_priority(job_priority):
+    return min(9, max(0, MIDDLE_BROKER_PRIORITY - job_priority))
+
+
 def enqueue(job):
     from workers.tasks import run_job
 
-    run_job.apply_async(args=[job.pk], queue=job.queue)
+    # The message carries the priority it was sent for, so that after a change the superseded
+    # message knows it must not start the job (see lifecycle.claim).
+    run_job.apply_async(args=[job.pk, job.priority], queue=job.queue, priority=broker_priority(job.priority))
+
+
+class PriorityNotChanged(Exception):
+    pass
+
+
+def change_priority(job, priority, by_user):
+    """Give a queued job a new priority and queue a new message for it at that priority."""
+    if priority == job.priority:
+        return job
+    with transaction.atomic():
+        changed = Job.objects.filter(pk=job.pk, status=Job.Status.QUEUED).update(priority=priority)
+        if not changed:
+            raise PriorityNotChanged(f"job {job.display_name} is no longer queued; its priority cannot change")
+        JobEvent.objects.create(job=job, message=f"priority changed from {job.priority} to {priority} by {by_user}")
+        job.refresh_from_db()
+        transaction.on_commit(lambda: enqueue(job))
+    return job

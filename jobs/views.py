@@ -4,7 +4,7 @@ from django.http import FileResponse, Http404
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
-from . import lifecycle
+from . import lifecycle, worker_control
 from .charts import loss_chart
 from .datasets import KIND_OF_TASK
 from .forms import AddMemberForm, DatasetUploadForm, JobForm, TeamQuotaForm
@@ -139,7 +139,10 @@ def artifact_download(request, pk):
 
 @login_required
 def worker_list(request):
-    return render(request, "jobs/worker_list.html", {"workers": Worker.objects.select_related("current_job")})
+    return render(request, "jobs/worker_list.html", {
+        "workers": Worker.objects.select_related("current_job"),
+        "queue_depths": worker_control.queue_depths(),
+    })
 
 
 @login_required

@@ -33,6 +33,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "django.contrib.humanize",
     "django_htmx",
+    "ninja",  # so /api/docs serves its bundled Swagger UI instead of loading it from a CDN
     "jobs",
 ]
 
@@ -122,7 +123,11 @@ CELERY_TASK_DEFAULT_QUEUE = "training"
 CELERY_BROKER_TRANSPORT_OPTIONS = {
     # Redis redelivers unacknowledged messages after this; the DB claim makes that harmless.
     "visibility_timeout": int(os.environ.get("CELERY_VISIBILITY_TIMEOUT", 6 * 3600)),
+    # One Redis list per message priority 0-9, popped 0 first (jobs.submission.broker_priority maps ours).
+    "priority_steps": list(range(10)),
 }
+# Messages sent without a priority wait with jobs of the default priority, not ahead of all of them.
+CELERY_TASK_DEFAULT_PRIORITY = 5
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # Housekeeping has its own queue, served by the beat process, so it never waits behind training.

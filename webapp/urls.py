@@ -2,7 +2,7 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
-from jobs import views
+from jobs import rest_api, views
 
 urlpatterns = [
     path("", views.dashboard, name="dashboard"),
@@ -17,10 +17,12 @@ urlpatterns = [
     path("jobs/<int:pk>/cancel/", views.job_cancel, name="job_cancel"),
     path("artifacts/<int:pk>/download/", views.artifact_download, name="artifact_download"),
     path("workers/", views.worker_list, name="worker_list"),
+    path("", include("jobs.worker_admin")),
     path("team/", views.team_detail, name="team_detail"),
     path("team/members/<int:pk>/remove/", views.team_member_remove, name="team_member_remove"),
     path("tokens/", views.token_list, name="token_list"),
     path("tokens/<int:pk>/revoke/", views.token_revoke, name="token_revoke"),
+    path("api/", rest_api.api.urls),
     path("v1/", include("jobs.openai_api")),
     path("admin/", admin.site.urls),
 ]

@@ -19,14 +19,14 @@ MAINTENANCE_QUEUE = "maintenance"
 
 
 @shared_task(bind=True, name="workers.tasks.run_job", acks_late=True, max_retries=None)
-def run_job(self, job_id):
+def run_job(self, job_id, priority=None):
     if must_wait_for_quota(job_id):
         raise self.retry(countdown=settings.QUOTA_RETRY_SECONDS)
     hostname = self.request.hostname or "unknown"
     worker = Worker.objects.filter(hostname=hostname).first() or heartbeat.register(hostname, ["training"])
-    job = lifecycle.claim(job_id, worker)
+    job = lifecycle.claim(job_id, worker, sent_priority=priority)
     if job is None:
-        log.info("job %s is not claimable (already taken, finished or cancelled); nothing to do", job_id)
+        log.info("job %s is not claimable (taken, finished, cancelled or re-queued at another priority); nothing to do", job_id)
         return "skipped"
     Worker.objects.filter(pk=worker.pk).update(current_job=job)
     try:
