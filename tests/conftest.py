@@ -134,14 +134,15 @@ class WorkerProcess:
 
 
 @pytest.fixture
-def celery_worker(transactional_db, redis_url, data_dirs, tmp_path, settings):
-    """A real `celery worker` process on the test database and the test Redis."""
-    from jobs.models import Worker
+def start_worker(transactional_db, redis_url, data_dirs, tmp_path, settings):
+    """start_worker(name) -> a real `celery worker` process on the test database and the test Redis.
+
+    Every worker started is stopped at the end of the test.
+    """
     from webapp.celery import app
 
     settings.CELERY_BROKER_URL = redis_url
     app.conf.broker_url = redis_url
-    hostname = f"test-worker-{os.getpid()}@localhost"
     env = os.environ | data_dirs | {
         "DATABASE_URL": worker_database_url(),
         "REDIS_URL": redis_url,
@@ -149,24 +150,48 @@ def celery_worker(transactional_db, redis_url, data_dirs, tmp_path, settings):
         "WORKER_HEARTBEAT_SECONDS": "2",
         "PYTHONUNBUFFERED": "1",
     }
-    log_path = tmp_path / "worker.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "webapp", "worker", "-l", "info", "-Q", "training",
-             "-n", hostname, "--concurrency", "1", "--without-gossip", "--without-mingle"],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )
-    worker = WorkerProcess(process, log_path, hostname)
-    try:
-        wait_for(
-            lambda: process.poll() is not None or Worker.objects.filter(hostname=hostname, is_online=True).exists(),
-            WORKER_START_TIMEOUT, "the worker to register",
-        )
-        assert process.poll() is None, f"the worker exited:\n{worker.log()}"
-        yield worker
-    finally:
-        process.terminate()
+    started = []
+
+    def start(name):
+        hostname = f"{name}-{os.getpid()}@localhost"
+        log_path = tmp_path / f"{name}.log"
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "webapp", "worker", "-l", "info", "-Q", "training",
+                 "-n", hostname, "--concurrency", "1", "--without-gossip", "--without-mingle"],
+                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+            )
+        worker = WorkerProcess(process, log_path, hostname)
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.process.terminate()
+    for worker in started:
         try:
-            process.wait(30)
+            worker.process.wait(30)
         except subprocess.TimeoutExpired:
-            process.kill()
+            worker.process.kill()
+
+
+def wait_until_registered(*workers):
+    """Wait for each worker's row to say it is online; return the rows."""
+    from jobs.models import Worker
+
+    for worker in workers:
+        wait_for(
+            lambda: worker.process.poll() is not None
+            or Worker.objects.filter(hostname=worker.hostname, is_online=True).exists(),
+            WORKER_START_TIMEOUT, f"{worker.hostname} to register",
+        )
+        assert worker.process.poll() is None, f"the worker exited:\n{worker.log()}"
+    return [Worker.objects.get(hostname=worker.hostname) for worker in workers]
+
+
+@pytest.fixture
+def celery_worker(start_worker):
+    """One real `celery worker` process, registered and ready."""
+    worker = start_worker("test-worker")
+    wait_until_registered(worker)
+    return worker

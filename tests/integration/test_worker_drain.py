@@ -1,9 +1,5 @@
 """Drain and resume, for real: two `celery worker` processes on one queue, drained through the Workers page."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 from django.test import Client
 from django.urls import reverse
@@ -12,55 +8,9 @@ from jobs.models import Job, Worker
 from jobs.spec import JobSpec
 from jobs.submission import submit_job
 from jobs.uploads import store_dataset
-from tests.conftest import JOB_TIMEOUT, REPO, WORKER_START_TIMEOUT, WorkerProcess, wait_for, worker_database_url
+from tests.conftest import JOB_TIMEOUT, wait_for, wait_until_registered
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
-
-
-@pytest.fixture
-def start_worker(transactional_db, redis_url, data_dirs, tmp_path, settings):
-    """Start `celery worker` processes like the `celery_worker` fixture does, each with its own hostname."""
-    from webapp.celery import app
-
-    settings.CELERY_BROKER_URL = redis_url
-    app.conf.broker_url = redis_url
-    env = os.environ | data_dirs | {
-        "DATABASE_URL": worker_database_url(), "REDIS_URL": redis_url, "WORKER_REPORT_SECONDS": "0.5",
-        "WORKER_HEARTBEAT_SECONDS": "2", "PYTHONUNBUFFERED": "1",
-    }
-    started = []
-
-    def start(name):
-        hostname = f"{name}-{os.getpid()}@localhost"
-        log_path = tmp_path / f"{name}.log"
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "webapp", "worker", "-l", "info", "-Q", "training",
-                 "-n", hostname, "--concurrency", "1", "--without-gossip", "--without-mingle"],
-                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-            )
-        worker = WorkerProcess(process, log_path, hostname)
-        started.append(worker)
-        return worker
-
-    yield start
-    for worker in started:
-        worker.process.terminate()
-    for worker in started:
-        try:
-            worker.process.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.process.kill()
-
-
-def wait_until_registered(*workers):
-    for worker in workers:
-        wait_for(
-            lambda: worker.process.poll() is not None or Worker.objects.filter(hostname=worker.hostname, is_online=True).exists(),
-            WORKER_START_TIMEOUT, f"{worker.hostname} to register",
-        )
-        assert worker.process.poll() is None, f"the worker exited:\n{worker.log()}"
-    return [Worker.objects.get(hostname=worker.hostname) for worker in workers]
 
 
 def test_a_drained_worker_takes_no_new_jobs_and_takes_them_again_when_resumed(
