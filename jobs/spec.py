@@ -195,3 +195,5 @@ class TrainingRun(_Strict):
     eval_dataset_path: str | None = None
     eval_dataset_format: str | None = None
     eval_column_map: dict[str, str] = {}
+    # A checkpoint directory this engine wrote for the same spec: training continues from its step.
+    resume_from: str | None = None

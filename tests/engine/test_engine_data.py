@@ -3,11 +3,14 @@
 import json
 
 import pytest
+from accelerate import Accelerator
 
 from workers.training.data import (
     IGNORE_INDEX,
+    TokenizedExample,
     collate,
     load_training_data,
+    make_loader,
     split_train_eval,
     tokenize_sft,
 )
@@ -93,3 +96,24 @@ def test_batches_are_padded_to_their_longest_row(tokenizer):
     assert batch["attention_mask"][0].tolist() == [1] * len(short.input_ids) + [0] * padding
     assert batch["labels"][0, -padding:].tolist() == [IGNORE_INDEX] * padding
     assert batch["attention_mask"][1].sum() == len(long.input_ids)
+
+
+def test_an_epochs_order_depends_on_the_seed_and_the_epoch_only():
+    """So a resumed run rebuilds the order of its epoch without replaying the ones before, after prepare() too."""
+    examples = [TokenizedExample(input_ids=[row], labels=[row]) for row in range(20)]
+    accelerator = Accelerator(cpu=True)
+
+    def prepared_loader(seed):
+        return accelerator.prepare(make_loader(examples, batch_size=4, pad_token_id=0, shuffle=True, seed=seed))
+
+    def order(loader, epoch):
+        loader.set_epoch(epoch)
+        return [row for batch in loader for row in batch["input_ids"][:, 0].tolist()]
+
+    replayed = prepared_loader(seed=7)
+    epochs = [order(replayed, epoch) for epoch in range(3)]
+
+    assert order(prepared_loader(seed=7), epoch=2) == epochs[2]
+    assert all(sorted(rows) == list(range(20)) for rows in epochs)
+    assert epochs[0] != epochs[1] != epochs[2]
+    assert order(prepared_loader(seed=8), epoch=0) != epochs[0]

@@ -17,7 +17,9 @@ STEPS = 60
 CHECKPOINT_EVERY = 30
 
 EVENT_KEYS = {
-    "started": {"total_steps", "trainable_params", "total_params", "device", "train_rows", "eval_rows"},
+    "started": {
+        "resumed_from_step", "total_steps", "trainable_params", "total_params", "device", "train_rows", "eval_rows",
+    },
     "step": {
         "step", "epoch", "train_loss", "learning_rate", "tokens_per_sec", "tokens_seen", "gpu_memory_mb",
         "cpu_memory_mb",
@@ -108,7 +110,9 @@ def test_checkpoints_are_written_every_n_steps(sft_result):
         assert sorted(p.name for p in directory.iterdir()) == [
             "adapter_config.json",
             "adapter_model.safetensors",
+            "trainable_parameters.safetensors",
             "trainer_state.json",
+            "training_state.pt",
         ]
         state = json.loads((directory / "trainer_state.json").read_text())
         assert state["step"] == line["step"]

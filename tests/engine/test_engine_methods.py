@@ -261,7 +261,7 @@ def test_qlora_leaves_a_classifier_head_unquantized(minilm, classification_set, 
 
 @pytest.mark.parametrize(
     "config, learning_rate",
-    [(Ia3Config(), 5e-2), (PrefixTuningConfig(num_virtual_tokens=8), 1e-2)],
+    [(Ia3Config(), 5e-2), (PrefixTuningConfig(num_virtual_tokens=8), 3e-2)],
     ids=["ia3", "prefix"],
 )
 def test_classification_on_minilm(config, learning_rate, minilm, classification_set, make_run, tmp_path):
@@ -274,6 +274,7 @@ def test_classification_on_minilm(config, learning_rate, minilm, classification_
     finished = job.of("finished")[0]
     assert set(finished) == FINISHED_KEYS
     # Chance is 0.5; measured: IA³ 1.0, prefix tuning 0.925 (the opinion word decides the label).
+    # (Prefix tuning at 1e-2 was a coin toss over seeds, 0.48 to 0.98; at 3e-2, 0.89 to 1.0 over nine.)
     assert finished["eval_accuracy"] >= 0.8 and finished["eval_f1"] >= 0.8
     assert finished["perplexity"] is None
     assert json.loads((tmp_path / "adapter" / "labels.json").read_text()) == ["negative", "positive"]

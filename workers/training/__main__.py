@@ -3,12 +3,19 @@
 Runs one training job, with no web app, database or broker. SPEC.json holds a
 jobs.spec.TrainingRun. Stdout carries only JSON progress lines (see
 progress.py); everything else, library chatter included, goes to stderr.
-Exit status 0 when the job finished, 1 when it failed (after an "error" line).
+Exit status 0 when the job finished or paused, 1 when it failed (after an "error" line).
+
+Signals: SIGUSR1 pauses. The step in progress completes, a checkpoint is saved
+at it, a "paused" line names it, and the process exits 0 with no artifact and no
+"finished" line; TrainingRun.resume_from set to that checkpoint continues the
+job. SIGTERM cancels: the process dies at once, as by default.
 """
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -23,6 +30,9 @@ def main(argv=None):
     parser.add_argument("spec", type=Path, help="JSON file holding a jobs.spec.TrainingRun")
     parser.add_argument("outdir", type=Path, help="directory for checkpoints, metrics and artifacts")
     args = parser.parse_args(argv)
+    # Installed before anything slow: until then SIGUSR1 would kill the process, as it does by default.
+    pause_requested = threading.Event()
+    signal.signal(signal.SIGUSR1, lambda signum, frame: pause_requested.set())
 
     # Keep the real stdout for progress only, and send fd 1 to stderr so that
     # whatever a library prints cannot break the worker's line parser.
@@ -39,7 +49,7 @@ def main(argv=None):
         # and after the spec is read, so that a bad spec fails in a blink.
         from workers.training.loop import train
 
-        train(run, args.outdir, progress)
+        train(run, args.outdir, progress, pause_requested)
     except Exception as error:
         traceback.print_exc()  # the whole story, for the worker's log
         progress.emit("error", message=describe(error))

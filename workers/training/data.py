@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from jobs.datasets import KIND_OF_TASK, load_examples
 
@@ -150,12 +150,37 @@ def collate(examples, pad_token_id):
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+class EpochShuffle(Sampler):
+    """A new order of the rows each epoch, a function of (seed, epoch) alone.
+
+    A resumed run rebuilds the order of the epoch it stopped in without replaying
+    the epochs before it. accelerate's prepared loader calls set_epoch at the start
+    of every pass, and every process of a multi-GPU run computes the same order.
+    """
+
+    def __init__(self, row_count, seed):
+        self.row_count, self.seed, self.epoch = row_count, seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        order = list(range(self.row_count))
+        random.Random(f"{self.seed}/{self.epoch}").shuffle(order)  # a str seed is hashed whole, with sha512
+        return iter(order)
+
+    def __len__(self):
+        return self.row_count
+
+
 def make_loader(examples, batch_size, pad_token_id, shuffle=False, seed=0):
-    generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(
         examples,
         batch_size=batch_size,
-        shuffle=shuffle,
-        generator=generator,
+        sampler=EpochShuffle(len(examples), seed) if shuffle else None,
+        # Each new iterator draws a seed (for worker processes) from this generator, or else from torch's
+        # global one, which dropout uses: a resumed run, starting an iterator mid-epoch where the
+        # uninterrupted run did not, would then see different dropout masks.
+        generator=torch.Generator().manual_seed(seed),
         collate_fn=partial(collate, pad_token_id=pad_token_id),
     )

@@ -1,9 +1,10 @@
 """The training loop: one TrainingRun in, an artifact and progress lines out.
 
-Read top to bottom: set up (seed, data, model, method, optimizer), then the
-steps (batch in, loss out, a progress line per step, evals and checkpoints on
-the way), then the artifact, the measurements (and a merged model where the
-method merges) and a summary.
+Read top to bottom: set up (seed, data, model, method, optimizer; the state
+of a checkpoint when resuming), then the steps (batch in, loss out, a progress
+line per step, evals and checkpoints on the way, a pause when asked), then the
+artifact, the measurements (and a merged model where the method merges) and a
+summary.
 """
 
 import math
@@ -12,26 +13,36 @@ from collections import deque
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, skip_first_batches
 from accelerate.utils import set_seed
 from transformers import get_linear_schedule_with_warmup
 
 from workers.training import measure
+from workers.training.checkpoint import (
+    load_checkpoint,
+    load_trainable_parameters,
+    restore_rng_states,
+    rng_states,
+    save_checkpoint,
+)
 from workers.training.data import load_training_data, make_loader
 from workers.training.evaluate import evaluate
-from workers.training.export import ADAPTER_DIR, MERGED_DIR, save_checkpoint, save_merged
+from workers.training.export import ADAPTER_DIR, MERGED_DIR, save_merged
 from workers.training.methods import METHODS
 from workers.training.modeling import architecture_family, count_parameters, load_model, load_tokenizer
 
 RECENT_STEPS = 10  # the final train_loss is the mean over this many last steps, one batch being noisy
 
 
-def train(run, outdir, progress):
-    """Train as `run` says, writing into `outdir`; return the trained model.
+def train(run, outdir, progress, pause_requested=None):
+    """Train as `run` says, writing into `outdir`; return the trained model, or None when paused.
 
     Where the method merges in place (LoRA, DoRA, IA³), the returned model has
     been merged for the latency measurement: it computes the same function,
     up to float rounding, but no longer holds the method's layers.
+
+    `pause_requested` (a threading.Event, set from a signal handler) stops the
+    run after the step in progress, with a checkpoint at that step and no artifact.
     """
     wall_start = time.perf_counter()
     outdir = Path(outdir)
@@ -78,8 +89,24 @@ def train(run, outdir, progress):
     # total_steps already counts this process's steps.
     scheduler = get_linear_schedule_with_warmup(optimizer, hyperparameters.warmup_steps, total_steps)
 
+    # --- where training starts: step 0, or where a checkpoint left it ---
+    step, tokens_seen, training_seconds, earlier_wall_seconds = 0, 0, 0.0, 0.0
+    recent_losses = deque(maxlen=RECENT_STEPS)
+    if run.resume_from:
+        checkpoint = load_checkpoint(run.resume_from, steps_per_epoch, total_steps)
+        load_trainable_parameters(accelerator.unwrap_model(model), checkpoint)
+        state = checkpoint.training_state
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, tokens_seen, training_seconds = state["step"], state["tokens_seen"], state["training_seconds"]
+        earlier_wall_seconds = state["wall_seconds"]
+        recent_losses.extend(state["recent_losses"])
+        # Last: loading the model and applying the method drew from these generators too.
+        restore_rng_states(state["rng"])
+
     progress.emit(
         "started",
+        resumed_from_step=step,
         total_steps=total_steps,
         trainable_params=trainable_params,
         total_params=total_params,
@@ -89,16 +116,23 @@ def train(run, outdir, progress):
     )
 
     def save_a_checkpoint(step):
+        training_state = {
+            "step": step,
+            "epoch": step / steps_per_epoch,
+            "steps_per_epoch": steps_per_epoch,
+            "tokens_seen": tokens_seen,
+            "training_seconds": training_seconds,
+            "wall_seconds": earlier_wall_seconds + time.perf_counter() - wall_start,
+            "recent_losses": list(recent_losses),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_states(),
+        }
         path = save_checkpoint(
-            method,
-            accelerator.unwrap_model(model),
-            outdir,
-            step,
-            step / steps_per_epoch,
-            spec.base_model,
-            data.label_names,
+            outdir, step, method, accelerator.unwrap_model(model), spec.base_model, data.label_names, training_state
         )
         progress.emit("checkpoint", step=step, path=path)
+        return path
 
     def run_eval(step):
         evaluation = evaluate(model, eval_loader, spec.task)
@@ -107,11 +141,13 @@ def train(run, outdir, progress):
 
     # --- the steps ---
     model.train()
-    step, tokens_seen, training_seconds = 0, 0, 0.0
-    recent_losses = deque(maxlen=RECENT_STEPS)
     step_start = time.perf_counter()
     while step < total_steps:
-        for batch in train_loader:
+        epoch, batches_done = divmod(step, steps_per_epoch)
+        train_loader.set_epoch(epoch)  # the epoch's order, the same as any run with this seed gave it
+        # Only a resumed run starts inside an epoch: it skips the batches trained on before the checkpoint.
+        batches = skip_first_batches(train_loader, batches_done) if batches_done else train_loader
+        for batch in batches:
             learning_rate = scheduler.get_last_lr()[0]
             loss = model(**batch).loss
             accelerator.backward(loss)
@@ -146,8 +182,13 @@ def train(run, outdir, progress):
             eval_due = hyperparameters.eval_every and step % hyperparameters.eval_every == 0
             if data.eval and eval_due and step < total_steps:
                 run_eval(step)
-            if step % hyperparameters.checkpoint_every == 0:
-                save_a_checkpoint(step)
+            # A pause asked for during the last step comes too late to save anything: the run finishes.
+            pausing = pause_requested is not None and pause_requested.is_set() and step < total_steps
+            if step % hyperparameters.checkpoint_every == 0 or pausing:
+                checkpoint_path = save_a_checkpoint(step)
+            if pausing:
+                progress.emit("paused", step=step, path=checkpoint_path)
+                return None
             if step == total_steps:
                 break
             # Started after the bookkeeping so that evals and checkpoints do not count as training time.
@@ -189,7 +230,7 @@ def train(run, outdir, progress):
         eval_accuracy=evaluation.accuracy if evaluation else None,
         eval_f1=evaluation.macro_f1 if evaluation else None,
         perplexity=measure.perplexity(evaluation.loss) if evaluation and sft else None,
-        wall_time_s=time.perf_counter() - wall_start,
+        wall_time_s=earlier_wall_seconds + time.perf_counter() - wall_start,
         trainable_params=trainable_params,
         total_params=total_params,
         tokens_per_sec=tokens_seen / training_seconds,
