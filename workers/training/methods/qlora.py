@@ -11,7 +11,7 @@ import torch
 from transformers import BitsAndBytesConfig
 
 from workers.training.methods import lora
-from workers.training.methods.lora import load, save  # noqa: F401 (the interface)
+from workers.training.methods.lora import save  # noqa: F401 (the interface)
 from workers.training.modeling import load_model
 
 # The new classifier head of a sequence classification model trains in full, so it must
@@ -51,7 +51,27 @@ def apply(model, config, task, family):
     # are 4-bit, the activations are what is left to save memory on. (Non-reentrant
     # checkpointing is the one torch recommends, and needs no input hooks.)
     model = peft.prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant": False})
+    keep_one_weight_layout(model)
     return lora.apply(model, config, task, family)
+
+
+def load(base_model, directory):
+    keep_one_weight_layout(base_model)
+    return lora.load(base_model, directory)
+
+
+def keep_one_weight_layout(model):
+    """Stop bitsandbytes repacking 4-bit weights for AVX512-BF16 CPUs.
+
+    It repacks on the first eval forward, and every state_dict() (each checkpoint and the
+    artifact) unpacks them again with re-quantized scales: the frozen base would drift a
+    little at every save, and a resumed run would not match. The packed layout also computes
+    differently, so a reloaded adapter must keep the same layout to give the same outputs.
+    GPUs never take that path.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def merge(model, run):
