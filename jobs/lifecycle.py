@@ -10,12 +10,15 @@ from django.db import transaction
 from django.utils import timezone
 
 from .models import Job, JobEvent
+from .submission import enqueue
 
 Status = Job.Status
 
 ALLOWED_TRANSITIONS = {
-    Status.QUEUED: {Status.RUNNING, Status.CANCELLED},
-    Status.RUNNING: {Status.SUCCEEDED, Status.FAILED, Status.CANCELLED},
+    Status.QUEUED: {Status.RUNNING, Status.PAUSED, Status.CANCELLED},
+    Status.RUNNING: {Status.SUCCEEDED, Status.FAILED, Status.CANCELLED, Status.PAUSED},
+    # Resuming queues the job again; a worker continues it from its last checkpoint.
+    Status.PAUSED: {Status.QUEUED, Status.CANCELLED},
     Status.SUCCEEDED: set(),
     Status.FAILED: set(),
     Status.CANCELLED: set(),
@@ -31,8 +34,11 @@ class JobChangedMeanwhile(Exception):
     """Somebody else changed the job's status between our read and our write."""
 
 
-def transition(job, to_status, message, **fields):
-    """Move `job` from the status it has in memory to `to_status`, or raise."""
+def transition(job, to_status, message, only_if=None, **fields):
+    """Move `job` from the status it has in memory to `to_status`, or raise.
+
+    `only_if` holds more field values the row must still have for the change to happen.
+    """
     from_status = job.status
     if to_status not in ALLOWED_TRANSITIONS[from_status]:
         raise TransitionNotAllowed(f"a {from_status} job cannot become {to_status}")
@@ -42,7 +48,8 @@ def transition(job, to_status, message, **fields):
     if to_status in TERMINAL_STATUSES:
         fields.setdefault("finished_at", now)
     with transaction.atomic():
-        changed = Job.objects.filter(pk=job.pk, status=from_status).update(status=to_status, **fields)
+        still = Job.objects.filter(pk=job.pk, status=from_status, **(only_if or {}))
+        changed = still.update(status=to_status, **fields)
         if not changed:
             raise JobChangedMeanwhile(f"job {job.pk} is no longer {from_status}")
         JobEvent.objects.create(
@@ -57,27 +64,29 @@ def claim(job_id, worker, sent_priority=None):
 
     A priority change queues a second message; the first one, sent for the old priority,
     must not start the job, or a lowered job would still start at its old place in the queue.
-    (Messages from before priorities were sent carry none and still claim.)
+    The priority is part of the compare-and-set, so a change racing with the claim cannot slip
+    through. (None claims at any priority: for operators and tests, not for messages.)
     """
     job = Job.objects.filter(pk=job_id).first()
-    if job is None or job.status != Status.QUEUED:
+    if job is None or job.status != Status.QUEUED or job.cancel_requested_at:
         return None
-    if job.cancel_requested_at:
-        return None
-    if sent_priority is not None and sent_priority != job.priority:
-        return None
+    still = {"cancel_requested_at": None}
+    if sent_priority is not None:
+        still["priority"] = sent_priority
     try:
-        return transition(job, Status.RUNNING, f"started on {worker.hostname}", worker=worker)
+        return transition(job, Status.RUNNING, f"started on {worker.hostname}", only_if=still, worker=worker)
     except (TransitionNotAllowed, JobChangedMeanwhile):
         return None
 
 
 def request_cancel(job, by_user=None):
-    """Cancel a queued job at once; ask the worker of a running job to stop it."""
+    """Cancel a queued or paused job at once; ask the worker of a running job to stop it."""
     who = f" by {by_user}" if by_user else ""
-    if job.status == Status.QUEUED:
+    if job.status in (Status.QUEUED, Status.PAUSED):
         try:
-            return transition(job, Status.CANCELLED, f"cancelled{who} before it started", cancel_requested_at=timezone.now())
+            return transition(
+                job, Status.CANCELLED, f"cancelled{who} while {job.status}", cancel_requested_at=timezone.now()
+            )
         except JobChangedMeanwhile:
             job.refresh_from_db()
     if job.status == Status.RUNNING:
@@ -87,6 +96,36 @@ def request_cancel(job, by_user=None):
         job.refresh_from_db()
         return job
     raise TransitionNotAllowed(f"a {job.status} job cannot be cancelled")
+
+
+def request_pause(job, by_user=None):
+    """Pause a queued job at once; ask the worker of a running one to stop at a checkpoint."""
+    who = f" by {by_user}" if by_user else ""
+    if job.status == Status.QUEUED:
+        try:
+            return transition(job, Status.PAUSED, f"paused{who} before it started")
+        except JobChangedMeanwhile:
+            job.refresh_from_db()
+    if job.status == Status.RUNNING:
+        if not job.pause_requested_at and not job.cancel_requested_at:
+            Job.objects.filter(pk=job.pk).update(pause_requested_at=timezone.now())
+            JobEvent.objects.create(job=job, message=f"pause requested{who}; the trainer stops at a checkpoint")
+        job.refresh_from_db()
+        return job
+    if job.status == Status.PAUSED:
+        return job
+    raise TransitionNotAllowed(f"a {job.status} job cannot be paused")
+
+
+def resume(job, by_user=None):
+    """Queue a paused job again; the worker that takes it continues from the last checkpoint."""
+    if job.status != Status.PAUSED:
+        raise TransitionNotAllowed(f"a {job.status} job cannot be resumed; only a paused one")
+    who = f" by {by_user}" if by_user else ""
+    with transaction.atomic():
+        job = transition(job, Status.QUEUED, f"resumed{who}", pause_requested_at=None)
+        transaction.on_commit(lambda: enqueue(job))
+    return job
 
 
 def log_event(job, message, kind=JobEvent.Kind.INFO):

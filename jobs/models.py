@@ -108,6 +108,7 @@ class Job(models.Model):
     class Status(models.TextChoices):
         QUEUED = "queued"
         RUNNING = "running"
+        PAUSED = "paused"
         SUCCEEDED = "succeeded"
         FAILED = "failed"
         CANCELLED = "cancelled"
@@ -129,6 +130,9 @@ class Job(models.Model):
     queue = models.CharField(max_length=50, default="training")
     worker = models.ForeignKey("Worker", on_delete=models.SET_NULL, null=True, blank=True, related_name="jobs")
     cancel_requested_at = models.DateTimeField(null=True, blank=True)
+    pause_requested_at = models.DateTimeField(null=True, blank=True)
+    # What the job should take on a GPU, worked out at submission (workers.training.memory_estimate).
+    estimated_memory_mb = models.IntegerField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
@@ -282,6 +286,7 @@ class Worker(models.Model):
     gpu_memory_total_mb = models.IntegerField(null=True, blank=True)
     gpu_memory_used_mb = models.IntegerField(null=True, blank=True)
     gpu_utilisation_percent = models.IntegerField(null=True, blank=True)
+    memory_total_mb = models.IntegerField(null=True, blank=True, help_text="the host's RAM")
     software_versions = models.JSONField(default=dict, blank=True, help_text='e.g. {"torch": "2.8.0"}')
     # Set by staff: the worker finishes its current job and takes no new one until resumed.
     is_draining = models.BooleanField(default=False)
@@ -297,16 +302,36 @@ class Worker(models.Model):
         return [name for name in self.queues.split(",") if name]
 
     @property
+    def device(self):
+        return "cuda" if self.gpu_memory_total_mb else "cpu"
+
+    @property
+    def capacity_mb(self):
+        """The memory a job trains in here: the GPU's, or the host's on a CPU-only worker."""
+        return self.gpu_memory_total_mb or self.memory_total_mb
+
+    @property
     def seconds_since_heartbeat(self):
         return (timezone.now() - self.last_heartbeat) / timedelta(seconds=1)
 
 
+def checkpoint_upload_path(checkpoint, filename):
+    return f"checkpoints/team-{checkpoint.job.team_id}/job-{checkpoint.job_id}/{uuid.uuid4().hex}.zip"
+
+
 class Checkpoint(models.Model):
-    """A checkpoint the trainer wrote, at `path` relative to the job's output directory on its worker."""
+    """A checkpoint the trainer wrote: the adapter so far plus the state to resume training from.
+
+    `path` is where the trainer wrote it, relative to the job's output directory;
+    `file` is its zip in storage, where any worker can resume from it (emptied for
+    all but the last few, see settings.CHECKPOINT_FILES_KEPT).
+    """
 
     job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="checkpoints")
     step = models.IntegerField()
     path = models.CharField(max_length=300)
+    file = models.FileField(upload_to=checkpoint_upload_path, max_length=300, blank=True)
+    size = models.BigIntegerField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:

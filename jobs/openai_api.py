@@ -9,14 +9,17 @@ have OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
   like an upload in the UI, so the whole report stays visible on its page.
 - Jobs are jobs, `ftjob-<pk>`. Status mapping (TuneDeck -> OpenAI):
   queued -> "queued", running -> "running", succeeded -> "succeeded",
-  failed -> "failed", cancelled -> "cancelled".
+  failed -> "failed", cancelled -> "cancelled", paused -> "paused" (a status the
+  client's type does not list yet; its models keep unknown values as they are).
 - learning_rate = learning_rate_multiplier x BASE_LEARNING_RATE (the JobSpec
   default, 2e-4); "auto" is the JobSpec default of each hyperparameter.
 - Extra body fields: `adapter` is the PEFT method, a JobSpec method section
   ({"type": "lora"|"qlora"|"dora"|"adapter"|"ia3"|"prefix"|"prompt"|"full", ...}),
   LoRA by default; `extra_hyperparameters` holds JobSpec hyperparameters that
   OpenAI has no name for (max_steps, max_seq_length, checkpoint_every, ...).
-- Pause and resume answer 400 with code "not_available": not built yet.
+- Pause stops a running job after its current step, at a checkpoint (a queued
+  job pauses at once); resume queues it again and a worker continues from that
+  checkpoint, with the optimizer, scheduler, RNG and data position it had.
 """
 
 import functools
@@ -384,11 +387,16 @@ def job_cancel(request, job_id):
 
 @api_view("POST")
 def job_pause_or_resume(request, job_id, action):
-    get_job(request, job_id)
-    return error_response(
-        400, f"{action} is not available in TuneDeck yet; cancel the job and start a new one instead",
-        code="not_available",
-    )
+    job = get_job(request, job_id)
+    change, refusal_code = {
+        "pause": (lifecycle.request_pause, "job_not_pausable"),
+        "resume": (lifecycle.resume, "job_not_resumable"),
+    }[action]
+    try:
+        job = change(job, by_user=request.user)
+    except lifecycle.TransitionNotAllowed as error:
+        return error_response(400, str(error), param="fine_tuning_job_id", code=refusal_code)
+    return JsonResponse(job_object(job))
 
 
 def metric_time(job, step):

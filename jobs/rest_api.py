@@ -114,6 +114,7 @@ class JobOut(Schema):
     started_at: datetime | None
     finished_at: datetime | None
     cancel_requested_at: datetime | None
+    pause_requested_at: datetime | None
     step: int
     total_steps: int | None
     train_loss: float | None
@@ -123,6 +124,7 @@ class JobOut(Schema):
     perplexity: float | None
     trainable_params: int | None
     total_params: int | None
+    estimated_memory_mb: int | None = Field(description="peak GPU memory expected at submission")
     peak_memory_mb: float | None
     error_message: str
 
@@ -262,6 +264,24 @@ def cancel_job(request, job_id: int):
     """A queued job is cancelled at once; a running one is asked to stop (cancel_requested_at is set)."""
     try:
         return lifecycle.request_cancel(get_job(request, job_id), by_user=request.auth)
+    except lifecycle.TransitionNotAllowed as refusal:
+        return Status(409, {"detail": str(refusal)})
+
+
+@api.post("/jobs/{job_id}/pause", response={200: JobOut, 409: Refusal}, tags=["jobs"])
+def pause_job(request, job_id: int):
+    """A queued job pauses at once; a running one stops after its current step, at a checkpoint."""
+    try:
+        return lifecycle.request_pause(get_job(request, job_id), by_user=request.auth)
+    except lifecycle.TransitionNotAllowed as refusal:
+        return Status(409, {"detail": str(refusal)})
+
+
+@api.post("/jobs/{job_id}/resume", response={200: JobOut, 409: Refusal}, tags=["jobs"])
+def resume_job(request, job_id: int):
+    """Queue a paused job again; the worker continues from its last checkpoint."""
+    try:
+        return lifecycle.resume(get_job(request, job_id), by_user=request.auth)
     except lifecycle.TransitionNotAllowed as refusal:
         return Status(409, {"detail": str(refusal)})
 

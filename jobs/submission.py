@@ -4,6 +4,7 @@ from django.db import transaction
 
 from .datasets import FORMATS, KIND_OF_TASK
 from .models import BaseModel, Dataset, Job, JobEvent
+from .placement import WontFit, gigabytes, place
 from .spec import TASK_LABELS, JobSpec
 
 
@@ -101,8 +102,17 @@ def check_method_fits_model(base_model, method):
         )
 
 
+def check_placement(base_model, spec):
+    """The queue for the job and its memory estimate; refused when no worker could hold it."""
+    try:
+        return place(base_model, spec)
+    except WontFit as refusal:
+        raise SubmissionError(None, str(refusal)) from None
+
+
 def submit_job(team, user, spec: JobSpec, name=""):
     base_model, dataset, validation_dataset = check_against_catalogue(team, spec)
+    placement = check_placement(base_model, spec)
     check_queue_quota(team)
     with transaction.atomic():
         job = Job.objects.create(
@@ -114,12 +124,24 @@ def submit_job(team, user, spec: JobSpec, name=""):
             validation_dataset=validation_dataset,
             spec=spec.model_dump(mode="json"),
             status=Job.Status.QUEUED,
+            queue=placement.queue,
+            estimated_memory_mb=placement.estimate.total_mb if placement.estimate else None,
         )
         JobEvent.objects.create(
-            job=job, kind=JobEvent.Kind.STATUS, to_status=Job.Status.QUEUED, message=f"queued by {user}"
+            job=job,
+            kind=JobEvent.Kind.STATUS,
+            to_status=Job.Status.QUEUED,
+            message=f"queued by {user} on {placement.queue}{describe_fit(placement)}",
         )
         transaction.on_commit(lambda: enqueue(job))
     return job
+
+
+def describe_fit(placement):
+    if placement.estimate is None:
+        return ""
+    fit = f"; {placement.workers_that_fit} of {placement.workers_known} workers fit it" if placement.workers_known else ""
+    return f" (needs about {gigabytes(placement.estimate.total_mb)} on a GPU{fit})"
 
 
 # The Redis transport serves message priority 0 first and 9 last; a job's priority is the other way

@@ -4,11 +4,14 @@ from django.http import FileResponse, Http404
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
-from . import lifecycle, worker_control
+from pydantic import ValidationError
+
+from . import lifecycle, placement, worker_control
 from .charts import loss_chart
 from .datasets import KIND_OF_TASK
 from .forms import AddMemberForm, DatasetUploadForm, JobForm, TeamQuotaForm
 from .models import ApiToken, Artifact, BaseModel, Dataset, Job, Membership, Worker
+from .spec import JobSpec
 from .submission import SubmissionError, submit_job
 from .teams import current_team, get_visible_or_404, visible
 
@@ -81,6 +84,33 @@ def job_new(request):
     return render(request, "jobs/job_new.html", {"form": form, "suggestions": suggestions})
 
 
+@login_required
+def job_estimate(request):
+    """The new-job form's memory estimate, recomputed by htmx as the settings change."""
+    team = current_team(request.user)
+    form = JobForm(request.GET, team=team)
+    form.is_valid()  # the estimate needs the model, method and sizes, not a dataset
+    context = {"estimate": None}
+    base_model = form.cleaned_data.get("base_model")
+    if base_model is not None and not form.errors.keys() & {*form.HYPERPARAMETERS, "method"}:
+        spec_data = form.spec_data() | {"dataset": 1, "validation_dataset": None, "export_merged": False}
+        try:
+            spec = JobSpec.model_validate(spec_data)
+        except ValidationError:
+            spec = None
+        if spec is not None:
+            estimate = placement.estimate_for(base_model, spec)
+            workers = [worker for worker in Worker.objects.all() if worker.capacity_mb]
+            context = {
+                "estimate": estimate,
+                "parts": placement.describe_parts(estimate) if estimate else "",
+                "total": placement.gigabytes(estimate.total_mb) if estimate else "",
+                "workers_known": len(workers),
+                "workers_that_fit": sum(placement.fits(worker, base_model, spec) for worker in workers),
+            }
+    return render(request, "jobs/_memory_estimate.html", context)
+
+
 def _new_job_initial(query, team):
     """Preselect the dataset asked for, a base model that fits it, and that model's suggested settings."""
     dataset = Dataset.objects.filter(team=team, is_valid=True, pk=query.get("dataset") or 0).first()
@@ -120,14 +150,16 @@ def job_live(request, pk):
 
 @login_required
 @require_POST
-def job_cancel(request, pk):
+def job_action(request, pk, action):
+    """Cancel, pause or resume a job; the page shows the result, or why it could not be done."""
     job = get_visible_or_404(request.user, Job.objects.all(), pk=pk)
+    change = {"cancel": lifecycle.request_cancel, "pause": lifecycle.request_pause, "resume": lifecycle.resume}[action]
     try:
-        lifecycle.request_cancel(job, by_user=request.user)
+        job = change(job, by_user=request.user)
     except lifecycle.TransitionNotAllowed as error:
         messages.error(request, str(error))
     else:
-        messages.info(request, "cancelled" if job.status == Job.Status.CANCELLED else "stopping the trainer…")
+        messages.info(request, f"{job.display_name}: {job.events.order_by('-id').first().message}")
     return redirect("job_detail", job.pk)
 
 
@@ -139,7 +171,9 @@ def artifact_download(request, pk):
 
 @login_required
 def worker_list(request):
-    return render(request, "jobs/worker_list.html", {
+    """The Workers page; htmx polls it for its live part, so states and actions show as they take effect."""
+    template = "jobs/_worker_list_live.html" if request.htmx else "jobs/worker_list.html"
+    return render(request, template, {
         "workers": Worker.objects.select_related("current_job"),
         "queue_depths": worker_control.queue_depths(),
     })

@@ -100,6 +100,24 @@ def catalogue(db, tiny_llama_path):
     }
 
 
+@pytest.fixture
+def llama_1b_shape(db, tmp_path):
+    """A Llama-3.2-1B-shaped catalogue entry: only its config is written, the estimate needs no weights."""
+    from transformers import LlamaConfig
+
+    from jobs.models import BaseModel
+    from workers.training.catalogue import describe_model
+
+    LlamaConfig(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True,
+    ).save_pretrained(tmp_path / "llama-1b")
+    return BaseModel.objects.create(
+        name="llama-1b-shape", path=str(tmp_path / "llama-1b"), task="causal_lm_sft", architecture="llama",
+        architecture_info=describe_model(tmp_path / "llama-1b"),
+    )
+
+
 def worker_database_url():
     from django.db import connection
 

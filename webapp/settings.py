@@ -111,6 +111,9 @@ WORKER_OFFLINE_AFTER_SECONDS = int(os.environ.get("WORKER_OFFLINE_AFTER_SECONDS"
 WORKER_REPORT_SECONDS = float(os.environ.get("WORKER_REPORT_SECONDS", 1.0))
 # A job of a team at its running-jobs quota goes back to the queue for this long.
 QUOTA_RETRY_SECONDS = int(os.environ.get("QUOTA_RETRY_SECONDS", 15))
+# Checkpoints kept in storage per job (older ones keep their row, not their file): the last to resume
+# from, and a few before it in case the last was written by a trainer that was going wrong.
+CHECKPOINT_FILES_KEPT = int(os.environ.get("TUNEDECK_CHECKPOINT_FILES_KEPT", 3))
 MODELS_DIR = Path(os.environ.get("TUNEDECK_MODELS_DIR", DATA_DIR / "models"))
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")

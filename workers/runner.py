@@ -46,7 +46,7 @@ def copy_dataset(dataset, workdir, stem):
 
 
 def prepare_workdir(job):
-    """Copy the datasets next to the spec: the engine reads plain local files only."""
+    """Copy the datasets (and the checkpoint to resume from) next to the spec: the engine reads local files only."""
     workdir = Path(settings.WORKER_RUNS_DIR) / f"job-{job.pk}"
     if workdir.exists():
         shutil.rmtree(workdir)
@@ -62,6 +62,13 @@ def prepare_workdir(job):
         run.eval_dataset_path = copy_dataset(job.validation_dataset, workdir, "validation")
         run.eval_dataset_format = job.validation_dataset.format
         run.eval_column_map = job.validation_dataset.column_map
+    checkpoint = job.checkpoints.exclude(file="").order_by("-step").first()
+    if checkpoint is not None:
+        run.resume_from = str(unpack_checkpoint(checkpoint, workdir / "resume"))
+        # Steps after the checkpoint (from a run that died before its next one) will run again.
+        job.metrics.filter(step__gt=checkpoint.step).delete()
+        Job.objects.filter(pk=job.pk).update(step=checkpoint.step)
+        lifecycle.log_event(job, f"resuming from the checkpoint at step {checkpoint.step}")
     spec_path = workdir / "spec.json"
     spec_path.write_text(run.model_dump_json(indent=2))
     return workdir, spec_path
@@ -99,8 +106,12 @@ def read_lines_into(stream, lines):
 class ProgressReporter:
     """Turns progress events into Metric rows and Job fields, writing at most once per interval."""
 
-    def __init__(self, job):
+    def __init__(self, job, workdir):
         self.job = job
+        self.workdir = workdir
+        self.outdir = workdir / "out"
+        self.started = False
+        self.paused = None
         self.pending_metrics = []
         self.job_fields = {}
         self.finished = None
@@ -110,15 +121,17 @@ class ProgressReporter:
     def handle(self, event):
         kind = event.get("event")
         if kind == "started":
+            self.started = True
             self.job_fields.update(
                 total_steps=event["total_steps"],
                 trainable_params=event["trainable_params"],
                 total_params=event["total_params"],
             )
+            resumed_from = event.get("resumed_from_step")
+            steps = f"steps {resumed_from + 1}–{event['total_steps']}" if resumed_from else f"{event['total_steps']} steps"
             lifecycle.log_event(
                 self.job,
-                f"training {event['train_rows']} rows ({event['eval_rows']} held out) for "
-                f"{event['total_steps']} steps on {event['device']}",
+                f"training {event['train_rows']} rows ({event['eval_rows']} held out) for {steps} on {event['device']}",
             )
         elif kind == "step":
             self.pending_metrics.append(
@@ -151,8 +164,10 @@ class ProgressReporter:
             )
             self.job_fields.update(eval_loss=event.get("eval_loss"), eval_accuracy=event.get("eval_accuracy"))
         elif kind == "checkpoint":
-            Checkpoint.objects.create(job=self.job, step=event["step"], path=event["path"])
-            lifecycle.log_event(self.job, f"checkpoint saved at step {event['step']}")
+            self.flush()  # the steps before the checkpoint are on record before it is
+            store_checkpoint(self.job, event["step"], event["path"], self.outdir, self.workdir)
+        elif kind == "paused":
+            self.paused = event
         elif kind == "artifact" and event.get("kind") in Artifact.Kind.values:
             self.artifact_dirs[event["kind"]] = event["path"]
         elif kind == "finished":
@@ -173,8 +188,8 @@ class ProgressReporter:
             self.job_fields = {}
 
 
-def cancel_requested(job):
-    return Job.objects.filter(pk=job.pk, cancel_requested_at__isnull=False).exists()
+def stop_requests(job):
+    return Job.objects.filter(pk=job.pk).values("cancel_requested_at", "pause_requested_at").get()
 
 
 def stderr_tail(path):
@@ -187,8 +202,8 @@ def stderr_tail(path):
 def run_claimed_job(job):
     workdir, spec_path = prepare_workdir(job)
     outdir = workdir / "out"
-    reporter = ProgressReporter(job)
-    cancelled = False
+    reporter = ProgressReporter(job, workdir)
+    cancelled = paused = False
     with open(workdir / "trainer.log", "wb") as stderr_file:
         process = start_trainer(spec_path, outdir, stderr_file)
         lines = queue.Queue()
@@ -209,15 +224,25 @@ def run_claimed_job(job):
             if time.monotonic() >= next_report:
                 reporter.flush()
                 next_report = time.monotonic() + settings.WORKER_REPORT_SECONDS
-                if not cancelled and cancel_requested(job):
+                requests = stop_requests(job)
+                if not cancelled and requests["cancel_requested_at"]:
                     cancelled = True
                     stop_trainer(process)
+                # Not before "started": until then the trainer may not yet handle the signal.
+                elif not paused and reporter.started and requests["pause_requested_at"]:
+                    paused = True
+                    # The trainer finishes its step, saves a checkpoint and exits on its own.
+                    os.kill(process.pid, signal.SIGUSR1)
         returncode = process.wait()
     reporter.flush()
     job.refresh_from_db()
 
     if cancelled or (job.cancel_requested_at and returncode != 0):
         lifecycle.transition(job, Job.Status.CANCELLED, f"cancelled at step {job.step}; the trainer was stopped")
+    elif returncode == 0 and reporter.paused:
+        lifecycle.transition(
+            job, Job.Status.PAUSED, f"paused at step {reporter.paused['step']}; resuming continues from there"
+        )
     elif returncode == 0 and reporter.finished and Artifact.Kind.ADAPTER in reporter.artifact_dirs:
         try:
             for kind, directory in reporter.artifact_dirs.items():
@@ -241,13 +266,17 @@ def explain_exit(returncode, log_path):
     return f"the trainer exited with code {returncode}" + (f":\n{tail[-1500:]}" if tail else "")
 
 
-def store_artifact(job, kind, directory, workdir):
-    """Zip an output directory, checksum it, and save it through the storage API."""
-    zip_path = workdir / f"{kind}.zip"
+def zip_directory(directory, zip_path):
     with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as archive:
         for path in sorted(directory.rglob("*")):
             if path.is_file():
                 archive.write(path, path.relative_to(directory).as_posix())
+    return zip_path
+
+
+def store_artifact(job, kind, directory, workdir):
+    """Zip an output directory, checksum it, and save it through the storage API."""
+    zip_path = zip_directory(directory, workdir / f"{kind}.zip")
     digest = hashlib.sha256()
     with open(zip_path, "rb") as file:
         for chunk in iter(lambda: file.read(1 << 20), b""):
@@ -260,3 +289,30 @@ def store_artifact(job, kind, directory, workdir):
         job, f"{artifact.get_kind_display()} stored ({artifact.size:,} bytes, sha256 {artifact.sha256[:12]}…)"
     )
     return artifact
+
+
+def store_checkpoint(job, step, path, outdir, workdir):
+    """Put a checkpoint in storage, where any worker can resume from it; keep the files of the last few only."""
+    zip_path = zip_directory(outdir / path, workdir / "checkpoint.zip")
+    checkpoint = Checkpoint(job=job, step=step, path=path, size=zip_path.stat().st_size)
+    with open(zip_path, "rb") as file:
+        checkpoint.file.save("checkpoint.zip", File(file), save=False)
+    checkpoint.save()
+    zip_path.unlink()
+    for old in job.checkpoints.exclude(file="").order_by("-step", "-id")[settings.CHECKPOINT_FILES_KEPT :]:
+        old.file.delete(save=False)
+        Checkpoint.objects.filter(pk=old.pk).update(file="")
+    lifecycle.log_event(job, f"checkpoint saved at step {step} ({checkpoint.size:,} bytes)")
+    return checkpoint
+
+
+def unpack_checkpoint(checkpoint, directory):
+    directory.mkdir(parents=True)
+    with checkpoint.file.open("rb") as file, zipfile.ZipFile(file) as archive:
+        for member in archive.infolist():
+            # Written by store_checkpoint, but a path from storage must still stay inside `directory`.
+            target = (directory / member.filename).resolve()
+            if not target.is_relative_to(directory.resolve()):
+                raise ValueError(f"checkpoint {checkpoint.pk} holds a path outside its directory: {member.filename}")
+        archive.extractall(directory)
+    return directory

@@ -8,8 +8,9 @@ from celery.signals import worker_ready, worker_shutdown
 from django.conf import settings
 from django.utils import timezone
 
-from jobs import lifecycle
+from jobs import lifecycle, placement, submission
 from jobs.models import Job, Worker
+from jobs.spec import JobSpec
 
 from . import heartbeat
 from .runner import run_claimed_job
@@ -20,10 +21,16 @@ MAINTENANCE_QUEUE = "maintenance"
 
 @shared_task(bind=True, name="workers.tasks.run_job", acks_late=True, max_retries=None)
 def run_job(self, job_id, priority=None):
+    # A retry goes back at the job's place in the queue order, not at the broker's default.
+    come_back_later = {"countdown": settings.QUOTA_RETRY_SECONDS}
+    if priority is not None:
+        come_back_later["priority"] = submission.broker_priority(priority)
     if must_wait_for_quota(job_id):
-        raise self.retry(countdown=settings.QUOTA_RETRY_SECONDS)
+        raise self.retry(**come_back_later)
     hostname = self.request.hostname or "unknown"
     worker = Worker.objects.filter(hostname=hostname).first() or heartbeat.register(hostname, ["training"])
+    if too_small_for(job_id, worker):
+        raise self.retry(**come_back_later)
     job = lifecycle.claim(job_id, worker, sent_priority=priority)
     if job is None:
         log.info("job %s is not claimable (taken, finished, cancelled or re-queued at another priority); nothing to do", job_id)
@@ -50,6 +57,19 @@ def must_wait_for_quota(job_id):
         return False
     if not job.events.filter(message__startswith="waiting:").exists():
         lifecycle.log_event(job, f"waiting: team {job.team} is at its quota of running jobs")
+    return True
+
+
+def too_small_for(job_id, worker):
+    """True when this worker lacks the memory the queued job needs; the message goes back for a larger one."""
+    job = Job.objects.filter(pk=job_id, status=Job.Status.QUEUED).select_related("base_model").first()
+    if job is None or worker.capacity_mb is None:
+        return False
+    if placement.fits(worker, job.base_model, JobSpec.model_validate(job.spec)):
+        return False
+    note = f"waiting: {worker.hostname} has too little memory for this job; left for a larger worker"
+    if not job.events.filter(message=note).exists():
+        lifecycle.log_event(job, note)
     return True
 
 

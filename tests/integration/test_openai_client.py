@@ -1,10 +1,16 @@
 """The official `openai` client, unchanged, against a live TuneDeck and a real Celery worker."""
 
+import hashlib
+import io
+import json
+import urllib.request
+import zipfile
+
 import openai
 import pytest
 
 from jobs import demo_data
-from jobs.models import ApiToken
+from jobs.models import ApiToken, Job, Metric
 from tests.conftest import JOB_TIMEOUT, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
@@ -19,6 +25,10 @@ SHORT_TRAINING = {"max_seq_length": 64, "checkpoint_every": 5}
 def client(live_server, team_user):
     _, token = ApiToken.issue(team_user, "openai client")
     return openai.OpenAI(base_url=f"{live_server.url}/v1", api_key=token, max_retries=0)
+
+
+def job_number(openai_job):
+    return int(openai_job.id.removeprefix("ftjob-"))
 
 
 def wait_until_finished(client, job_id):
@@ -84,6 +94,19 @@ def test_upload_train_watch_checkpoints_and_cancel(live_server, team_user, catal
               if event.type == "metrics"][::-1]
     assert losses[-1] < losses[0], "the loss should fall"
 
+    # The adapter comes through the native API, with the same token.
+    def native_api(path):
+        request = urllib.request.Request(f"{live_server.url}/api{path}", headers={"Authorization": f"Bearer {client.api_key}"})
+        with urllib.request.urlopen(request) as response:
+            return response.read()
+
+    artifacts = json.loads(native_api(f"/jobs/{job_number(job)}/artifacts"))
+    [adapter] = [artifact for artifact in artifacts if artifact["kind"] == "adapter"]
+    download = native_api(f"/artifacts/{adapter['id']}/download")
+    assert hashlib.sha256(download).hexdigest() == adapter["sha256"]
+    with zipfile.ZipFile(io.BytesIO(download)) as archive:
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= set(archive.namelist())
+
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
     assert [checkpoint.step_number for checkpoint in checkpoints] == [10, 5]
     assert checkpoints[0].fine_tuning_job_id == job.id
@@ -100,9 +123,25 @@ def test_upload_train_watch_checkpoints_and_cancel(live_server, team_user, catal
         extra_body={"extra_hyperparameters": SHORT_TRAINING | {"max_steps": 100_000}},
     )
     wait_for(lambda: client.fine_tuning.jobs.retrieve(long_job.id).status == "running", JOB_TIMEOUT, "the long job to start")
-    with pytest.raises(openai.BadRequestError) as refused:
-        client.fine_tuning.jobs.pause(long_job.id)
-    assert refused.value.code == "not_available"
+    wait_for(lambda: Job.objects.get(pk=job_number(long_job)).step >= 3, JOB_TIMEOUT, "a few steps of the long job")
+    client.fine_tuning.jobs.pause(long_job.id)
+    paused = wait_for(
+        lambda: (found := client.fine_tuning.jobs.retrieve(long_job.id)).status in ("paused", *TERMINAL) and found,
+        JOB_TIMEOUT, f"the long job to pause\n{celery_worker.log()}",
+    )
+    assert paused.status == "paused", paused.error
+    paused_at = client.fine_tuning.jobs.checkpoints.list(long_job.id).data[0].step_number
+    assert paused_at == Job.objects.get(pk=job_number(long_job)).step >= 3
+
+    assert client.fine_tuning.jobs.resume(long_job.id).status == "queued"
+    wait_for(
+        lambda: Job.objects.get(pk=job_number(long_job)).step > paused_at, JOB_TIMEOUT,
+        f"the resumed job to train past step {paused_at}\n{celery_worker.log()}",
+    )
+    messages = [event.message for event in client.fine_tuning.jobs.list_events(long_job.id, limit=100)]
+    assert f"resuming from the checkpoint at step {paused_at}" in messages
+    resumed_steps = Metric.objects.filter(job_id=job_number(long_job), train_loss__isnull=False).values_list("step", flat=True)
+    assert sorted(resumed_steps) == list(range(1, max(resumed_steps) + 1)), "each step once, none lost or repeated"
     client.fine_tuning.jobs.cancel(long_job.id)
     assert wait_until_finished(client, long_job.id).status == "cancelled"
 

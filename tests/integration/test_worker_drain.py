@@ -26,7 +26,7 @@ def test_a_drained_worker_takes_no_new_jobs_and_takes_them_again_when_resumed(
     first, second = start_worker("first"), start_worker("second")
     first_row, second_row = wait_until_registered(first, second)
     # Both report what they run on (a CPU here, so the GPU fields stay empty) and their software.
-    assert first_row.accelerator and set(first_row.software_versions) == {"torch", "transformers", "peft"}
+    assert first_row.accelerator and set(first_row.software_versions) == {"torch", "transformers", "peft", "bitsandbytes"}
 
     assert staff.post(reverse("worker_drain", args=[first_row.pk])).status_code == 302
     first_row.refresh_from_db()

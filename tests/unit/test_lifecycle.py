@@ -89,3 +89,36 @@ def test_a_finished_job_cannot_be_cancelled(job, worker):
     lifecycle.transition(lifecycle.claim(job.pk, worker), Status.FAILED, "boom")
     with pytest.raises(lifecycle.TransitionNotAllowed, match="a failed job cannot be cancelled"):
         lifecycle.request_cancel(job)
+
+
+def test_a_message_sent_for_an_old_priority_cannot_claim_even_when_the_change_races_it(job, worker):
+    read_before_the_change = Job.objects.get(pk=job.pk)
+    Job.objects.filter(pk=job.pk).update(priority=3)  # the change lands between the claim's read and its write
+    with pytest.raises(lifecycle.JobChangedMeanwhile):
+        lifecycle.transition(read_before_the_change, Status.RUNNING, "stale", only_if={"priority": 0})
+    assert lifecycle.claim(job.pk, worker, sent_priority=0) is None
+    assert lifecycle.claim(job.pk, worker, sent_priority=3).status == Status.RUNNING
+
+
+def test_pause_of_a_running_job_is_a_request_and_resume_queues_it_again(job, worker, django_capture_on_commit_callbacks):
+    running = lifecycle.claim(job.pk, worker)
+    lifecycle.request_pause(running, by_user="alice")
+    assert running.status == Status.RUNNING and running.pause_requested_at
+    lifecycle.request_pause(running)  # asking twice is harmless
+    assert JobEvent.objects.filter(job=job, message__startswith="pause requested").count() == 1
+
+    paused = lifecycle.transition(running, Status.PAUSED, "paused at step 3")
+    with django_capture_on_commit_callbacks(execute=False) as sent:
+        resumed = lifecycle.resume(paused, by_user="alice")
+    assert resumed.status == Status.QUEUED and resumed.pause_requested_at is None and len(sent) == 1
+    assert status_events(job) == [("queued", "running"), ("running", "paused"), ("paused", "queued")]
+    assert lifecycle.claim(job.pk, worker).status == Status.RUNNING
+
+
+def test_a_queued_job_pauses_at_once_and_a_paused_one_can_be_cancelled(job, worker):
+    lifecycle.request_pause(job)
+    assert job.status == Status.PAUSED
+    assert lifecycle.claim(job.pk, worker) is None, "a paused job waits for resume"
+    with pytest.raises(lifecycle.TransitionNotAllowed, match="only a paused one"):
+        lifecycle.resume(lifecycle.request_cancel(job))
+    assert job.status == Status.CANCELLED

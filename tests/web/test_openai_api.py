@@ -89,11 +89,26 @@ def test_a_bad_job_is_refused_with_the_parameter_named(
     assert not Job.objects.exists()
 
 
-def test_pause_and_resume_are_not_available_yet(api, catalogue, training_file, django_capture_on_commit_callbacks):
+def test_pause_and_resume_a_queued_job(api, catalogue, training_file, django_capture_on_commit_callbacks):
     job_id = create_job(
         api, {"model": "tiny-random-llama", "training_file": f"file-{training_file.pk}"},
         django_capture_on_commit_callbacks,
     ).json()["id"]
-    for action in ("pause", "resume"):
-        response = api.post(f"/v1/fine_tuning/jobs/{job_id}/{action}")
-        assert response.status_code == 400 and response.json()["error"]["code"] == "not_available"
+    refused = api.post(f"/v1/fine_tuning/jobs/{job_id}/resume")
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "job_not_resumable"
+
+    paused = api.post(f"/v1/fine_tuning/jobs/{job_id}/pause")
+    assert paused.status_code == 200 and paused.json()["status"] == "paused"
+    assert api.post(f"/v1/fine_tuning/jobs/{job_id}/pause").json()["status"] == "paused"  # asking twice is fine
+
+    with django_capture_on_commit_callbacks(execute=False) as sent:
+        resumed = api.post(f"/v1/fine_tuning/jobs/{job_id}/resume")
+    assert resumed.status_code == 200 and resumed.json()["status"] == "queued"
+    assert len(sent) == 1, "resuming queues a message for a worker"
+    messages = [event["message"] for event in api.get(f"/v1/fine_tuning/jobs/{job_id}/events").json()["data"]]
+    assert messages[0].startswith("resumed by alice") and messages[1].startswith("paused by alice")
+
+    api.post(f"/v1/fine_tuning/jobs/{job_id}/pause")
+    assert api.post(f"/v1/fine_tuning/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+    refused = api.post(f"/v1/fine_tuning/jobs/{job_id}/pause")
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "job_not_pausable"

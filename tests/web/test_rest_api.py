@@ -165,6 +165,15 @@ def test_a_cancelled_job_is_retried_as_a_new_queued_job(api, job, django_capture
     assert api.post(f"/api/jobs/{new_job.pk}/retry").status_code == 409
 
 
+def test_a_job_is_paused_and_resumed(api, job, django_capture_on_commit_callbacks):
+    assert api.post(f"/api/jobs/{job.pk}/resume").status_code == 409
+    paused = api.post(f"/api/jobs/{job.pk}/pause")
+    assert paused.status_code == 200 and paused.json()["status"] == "paused"
+    with django_capture_on_commit_callbacks(execute=False) as sent:
+        resumed = api.post(f"/api/jobs/{job.pk}/resume")
+    assert resumed.status_code == 200 and resumed.json()["status"] == "queued" and len(sent) == 1
+
+
 def test_artifacts_are_listed_and_downloaded(api, job, artifact):
     listed = api.get(f"/api/jobs/{job.pk}/artifacts").json()
     assert [(row["id"], row["kind"], row["download_name"]) for row in listed] == [(artifact.pk, "adapter", "first-adapter.zip")]
@@ -227,6 +236,7 @@ def test_the_schema_lists_every_route_and_the_docs_page_serves_swagger_locally(c
         ("post", "/api/jobs"), ("get", "/api/jobs"), ("get", "/api/jobs/{job_id}"),
         ("get", "/api/jobs/{job_id}/metrics"), ("get", "/api/jobs/{job_id}/events"),
         ("post", "/api/jobs/{job_id}/cancel"), ("post", "/api/jobs/{job_id}/retry"),
+        ("post", "/api/jobs/{job_id}/pause"), ("post", "/api/jobs/{job_id}/resume"),
         ("get", "/api/jobs/{job_id}/artifacts"), ("get", "/api/artifacts/{artifact_id}/download"),
         ("get", "/api/workers"),
     }

@@ -13,22 +13,32 @@ _LAYER_INDEX = re.compile(r"\.\d+\.")
 
 
 def describe_model(path):
-    """Family, hidden size and the linear layer names (layer numbers as '*') of the model at `path`."""
+    """Family, sizes and the linear layers (layer numbers as '*', with their shapes) of the model at `path`.
+
+    Read from the config on the meta device: no weights are loaded. The sizes feed
+    the memory estimate (workers.training.memory_estimate).
+    """
     config = AutoConfig.from_pretrained(path)
     with init_empty_weights():
         model = AutoModel.from_config(config)
-    linear_modules = sorted(
-        {
-            _LAYER_INDEX.sub(".*.", name)
-            for name, module in model.named_modules()
-            if isinstance(module, (torch.nn.Linear, Conv1D))
-        }
-    )
+    linear_shapes = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, Conv1D)):
+            weight_shape = list(module.weight.shape)  # Linear: [out, in]; Conv1D: [in, out]
+            in_out = weight_shape[::-1] if isinstance(module, torch.nn.Linear) else weight_shape
+            pattern = _LAYER_INDEX.sub(".*.", name)
+            count = linear_shapes.get(pattern, [0, 0, 0])[2] + 1
+            linear_shapes[pattern] = [*in_out, count]
     return {
         "family": architecture_family(model),
         "model_type": config.model_type,
         "hidden_size": getattr(config, "hidden_size", None),
+        "intermediate_size": getattr(config, "intermediate_size", None),
         "num_layers": getattr(config, "num_hidden_layers", None),
+        "vocab_size": getattr(config, "vocab_size", None),
+        "tied_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
+        # The backbone's parameters: the LM or classification head comes on top.
         "parameters": sum(p.numel() for p in model.parameters()),
-        "linear_modules": linear_modules,
+        "linear_modules": sorted(linear_shapes),
+        "linear_shapes": dict(sorted(linear_shapes.items())),
     }

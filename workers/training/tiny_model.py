@@ -10,41 +10,58 @@ SPECIAL_TOKENS = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}
 SEED = 0
 
 
+TINY_LLAMA_SHAPE = dict(
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    # Wider than Llama's 0.02: with a frozen random lm_head that narrow, even a perfectly
+    # tuned hidden state yields flat logits, and a few dozen LoRA steps barely move the loss.
+    initializer_range=0.05,
+)
+
+
 def build_tiny_llama(path):
     """Write a ~2.5M parameter Llama-shaped causal LM with random weights and a byte-level tokenizer.
 
     Always the same weights (fixed seed), so a test that trains on it is reproducible.
     Does nothing if `path` already holds a model.
     """
+    return build_random_llama(path, TINY_LLAMA_SHAPE)
+
+
+def build_random_llama(path, shape, dtype=None, vocab_size=None):
+    """A Llama of the given shape (LlamaConfig fields) with random weights and the byte-level tokenizer.
+
+    `vocab_size` widens the embeddings and LM head beyond the tokenizer's 260 tokens, for
+    benchmarks whose memory and speed depend on a real model's vocabulary; the text still
+    only uses the byte tokens. Does nothing if `path` already holds a model.
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     path = Path(path)
-    if (path / "config.json").exists() and (path / "model.safetensors").exists():
+    if (path / "config.json").exists() and any(path.glob("*.safetensors")):
         return path
     path.mkdir(parents=True, exist_ok=True)
 
     tokenizer = _byte_level_tokenizer()
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        # Wider than Llama's 0.02: with a frozen random lm_head that narrow, even a perfectly
-        # tuned hidden state yields flat logits, and a few dozen LoRA steps barely move the loss.
-        initializer_range=0.05,
+        vocab_size=vocab_size or len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **shape,
     )
     # The model's random initialisation draws from the global generator; fork it so
     # building the model does not disturb the caller's random state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         model = LlamaForCausalLM(config)
+    if dtype is not None:
+        model = model.to(dtype)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

@@ -10,21 +10,7 @@ import peft
 
 from workers.training.export import write_label_names
 from workers.training.modeling import linear_layer_names
-
-# Preset -> module-name suffixes, per architecture family (see modeling.FAMILY_MARKERS).
-TARGET_MODULE_PRESETS = {
-    "llama": {
-        "attention_qv": ["q_proj", "v_proj"],
-        "attention_qkvo": ["q_proj", "k_proj", "v_proj", "o_proj"],
-        "all_linear": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    },
-    "bert": {
-        "attention_qv": ["query", "value"],
-        "attention_qkvo": ["query", "key", "value", "attention.output.dense"],
-        # "output.dense" is the FFN's down projection (and also matches the attention output).
-        "all_linear": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
-    },
-}
+from workers.training.presets import TARGET_MODULE_PRESETS
 
 # For classification, peft also trains and saves the new classifier head ("classifier" or "score").
 PEFT_TASK_TYPES = {"causal_lm_sft": peft.TaskType.CAUSAL_LM, "sequence_classification": peft.TaskType.SEQ_CLS}
