@@ -123,6 +123,12 @@ class Job(models.Model):
     validation_dataset = models.ForeignKey(
         Dataset, on_delete=models.PROTECT, null=True, blank=True, related_name="validation_jobs"
     )
+    # The forgetting check: text from the base model's own domain, its loss measured before and after.
+    reference_dataset = models.ForeignKey(
+        Dataset, on_delete=models.PROTECT, null=True, blank=True, related_name="reference_jobs"
+    )
+    sweep = models.ForeignKey("Sweep", on_delete=models.CASCADE, null=True, blank=True, related_name="jobs")
+    sweep_point = models.JSONField(default=dict, blank=True, help_text='this job\'s values of the sweep\'s grid')
     spec = models.JSONField(help_text="a JobSpec, validated at submission")
     # Changed only through jobs.lifecycle, which checks the transition and writes a JobEvent.
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.QUEUED, db_index=True)
@@ -154,6 +160,8 @@ class Job(models.Model):
     artifact_bytes = models.BigIntegerField(null=True, blank=True)
     latency_ms = models.FloatField(null=True, blank=True)
     latency_merged_ms = models.FloatField(null=True, blank=True)
+    reference_loss_before = models.FloatField(null=True, blank=True)
+    reference_loss_after = models.FloatField(null=True, blank=True)
     error_message = models.TextField(blank=True)
 
     class Meta:
@@ -211,6 +219,24 @@ class Job(models.Model):
         if not self.started_at:
             return None
         return (self.finished_at or timezone.now()) - self.started_at
+
+
+class Sweep(models.Model):
+    """One base spec and a grid of values: a job per point of the grid, compared by one metric."""
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="sweeps")
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True)
+    name = models.CharField(max_length=200, blank=True)
+    base_spec = models.JSONField(help_text="the JobSpec every point starts from")
+    grid = models.JSONField(help_text='dotted JobSpec field -> values, e.g. {"method.r": [4, 8]}')
+    metric = models.CharField(max_length=40, default="eval_loss", help_text="what picks the best run")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self):
+        return self.name or f"sweep-{self.pk}"
 
 
 class JobEvent(models.Model):

@@ -172,10 +172,21 @@ class JobSpec(_Strict):
     validation_dataset: int | None = Field(
         None, ge=1, description="id of a dataset to evaluate on, instead of holding out eval_fraction of the rows"
     )
+    reference_dataset: int | None = Field(
+        None, ge=1, description="id of a dataset from the base model's own domain: its loss is measured before "
+        "and after training, to show how much general skill the fine-tune cost (causal LM only)",
+    )
     task: Task = "causal_lm_sft"
     method: Method = LoraConfig()
     hyperparameters: Hyperparameters = Hyperparameters()
     export_merged: bool = Field(False, description="also export a standalone model with the method merged in")
+
+    @model_validator(mode="after")
+    def _reference_only_for_language_models(self):
+        if self.reference_dataset is not None and self.task != "causal_lm_sft":
+            raise ValueError("reference_dataset: the forgetting check measures a language model's loss; "
+                             "a classifier's new head has no loss on the base domain to compare")
+        return self
 
     @model_validator(mode="after")
     def _merge_only_where_possible(self):
@@ -195,5 +206,8 @@ class TrainingRun(_Strict):
     eval_dataset_path: str | None = None
     eval_dataset_format: str | None = None
     eval_column_map: dict[str, str] = {}
+    reference_dataset_path: str | None = None
+    reference_dataset_format: str | None = None
+    reference_column_map: dict[str, str] = {}
     # A checkpoint directory this engine wrote for the same spec: training continues from its step.
     resume_from: str | None = None
