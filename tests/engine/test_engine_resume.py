@@ -5,6 +5,9 @@ steps the uninterrupted run took: same losses, learning rates, tokens and
 weights. The runs here are 12 steps of 5 per epoch (36 training rows in
 batches of 8), so the checkpoints at steps 4 and 8 both lie inside an epoch,
 and the rest of the run crosses into the next one.
+
+Checkpoints are offered for download, so they hold safetensors and JSON only:
+every checkpoint any test here writes is checked to hold no pickle.
 """
 
 import json
@@ -14,11 +17,18 @@ import sys
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from jobs.demo_data import write_instruction_set
-from jobs.spec import AdapterConfig, FullFineTuningConfig, LoraConfig
-from workers.training.checkpoint import PARAMETERS_FILE, TRAINER_STATE_FILE, TRAINING_STATE_FILE
+from jobs.spec import AdapterConfig, FullFineTuningConfig, LoraConfig, QLoraConfig
+from workers.training.checkpoint import (
+    PARAMETERS_FILE,
+    TRAINER_STATE_FILE,
+    TRAINING_STATE_FILE,
+    TRAINING_TENSORS_FILE,
+    read_training_state,
+)
 from workers.training.loop import train
 from workers.training.progress import Progress
 from tests.engine.conftest import REPO_ROOT
@@ -32,7 +42,33 @@ METHOD_RUNS = {
     "lora": (LoraConfig(r=8, alpha=16, dropout=0.1, target_modules="all_linear"), 5e-3),
     "adapter": (AdapterConfig(placement="houlsby", bottleneck_size=16), 5e-3),
     "full": (FullFineTuningConfig(), 1e-3),
+    # 4-bit NF4 on the CPU: bitsandbytes must keep one weight layout across evals and saves to resume exactly.
+    # (Resuming at step 8, after the eval at step 6 and two saves, is where a drifting base shows.)
+    "qlora": (QLoraConfig(r=8, alpha=16, dropout=0.1, target_modules="all_linear"), 5e-3),
 }
+# What torch.save writes starts with one of these: a zip archive (its default), or a bare pickle of protocol 2-5.
+PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
+
+
+def assert_no_pickles(outdir):
+    """Every file of every checkpoint under `outdir` is JSON, safetensors, or else at least no pickle.
+
+    A safetensors file starts with its header's length, which may begin like a pickle
+    (0x80...), so it is opened as safetensors instead.
+    """
+    files = [path for path in (outdir / "checkpoints").rglob("*") if path.is_file()]
+    assert files, f"no checkpoint under {outdir}"
+    for path in files:
+        assert not path.name.endswith(PICKLE_SUFFIXES), path
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix == ".safetensors":
+            with safe_open(path, framework="pt"):
+                pass  # raises unless it is safetensors
+        else:
+            with open(path, "rb") as stream:
+                assert not stream.read(4).startswith(PICKLE_MAGIC), path
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +120,9 @@ def uninterrupted(run_for, tmp_path_factory):
     return uninterrupted
 
 
-@pytest.mark.parametrize("method_name, resume_step", [("lora", 4), ("lora", 8), ("adapter", 8), ("full", 4)])
+@pytest.mark.parametrize(
+    "method_name, resume_step", [("lora", 4), ("lora", 8), ("adapter", 8), ("full", 4), ("qlora", 4), ("qlora", 8)]
+)
 def test_a_resumed_run_takes_the_same_steps_as_the_uninterrupted_one(
     method_name, resume_step, uninterrupted, run_for, tmp_path
 ):
@@ -124,6 +162,8 @@ def test_a_resumed_run_takes_the_same_steps_as_the_uninterrupted_one(
     assert resumed_weights.keys() == whole_weights.keys()
     for name, tensor in whole_weights.items():
         torch.testing.assert_close(resumed_weights[name], tensor, atol=TOLERANCE, rtol=0, msg=name)
+    assert_no_pickles(whole_outdir)
+    assert_no_pickles(tmp_path)
 
 
 def test_a_checkpoint_holds_the_artifact_the_weights_and_the_training_state(uninterrupted):
@@ -131,17 +171,37 @@ def test_a_checkpoint_holds_the_artifact_the_weights_and_the_training_state(unin
     assert [line["step"] for line in of(events, "checkpoint")] == [4, 8, 12]
     directory = outdir / "checkpoints" / "step-000008"
     assert sorted(path.name for path in directory.iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors", PARAMETERS_FILE, TRAINER_STATE_FILE, TRAINING_STATE_FILE,
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "trainable_parameters.safetensors",
+        "trainer_state.json",
+        "training_state.json",
+        "training_state.safetensors",
     ]
+    assert (PARAMETERS_FILE, TRAINER_STATE_FILE, TRAINING_STATE_FILE, TRAINING_TENSORS_FILE) == (
+        "trainable_parameters.safetensors", "trainer_state.json", "training_state.json", "training_state.safetensors",
+    )
+    assert_no_pickles(outdir)
     assert json.loads((directory / TRAINER_STATE_FILE).read_text()) == {"step": 8, "epoch": 8 / STEPS_PER_EPOCH}
     # Only the LoRA matrices train, and the artifact holds the same ones.
     weights = load_file(directory / PARAMETERS_FILE)
     assert weights and all(".lora_A." in name or ".lora_B." in name for name in weights)
-    state = torch.load(directory / TRAINING_STATE_FILE, weights_only=True)
+    state = json.loads((directory / TRAINING_STATE_FILE).read_text())
     assert (state["step"], state["steps_per_epoch"]) == (8, STEPS_PER_EPOCH)
     assert state["recent_losses"] == [line["train_loss"] for line in of(events, "step")][:8]
     assert state["tokens_seen"] == step_lines(events)[8]["tokens_seen"]
     assert {"optimizer", "scheduler", "rng"} <= state.keys()
+    # AdamW's moments of every LoRA matrix, and the random generators' states, are the tensors beside it.
+    tensors = load_file(directory / TRAINING_TENSORS_FILE)
+    moments = {
+        f"optimizer.state.{index}.{name}" for index in range(len(weights)) for name in ("step", "exp_avg", "exp_avg_sq")
+    }
+    assert tensors.keys() == moments | {f"rng.{name}" for name in state["rng"]}
+    assert "cpu" in state["rng"] and all(tensors[f"rng.{name}"].dtype == torch.uint8 for name in state["rng"])
+    # Read back as optimizer.load_state_dict takes it: integer indices, betas a tuple.
+    optimizer = read_training_state(directory)["optimizer"]
+    assert list(optimizer["state"]) == list(range(len(weights)))
+    assert optimizer["param_groups"][0]["betas"] == (0.9, 0.999)
 
 
 @pytest.mark.parametrize(
@@ -220,6 +280,8 @@ def test_sigusr1_pauses_after_the_step_with_a_checkpoint_and_resuming_finishes_t
     assert not of(events, "finished") and not of(events, "artifact")
     outdir = tmp_path / "out"
     assert (outdir / pause["path"] / TRAINING_STATE_FILE).is_file()
+    assert (outdir / pause["path"] / TRAINING_TENSORS_FILE).is_file()
+    assert_no_pickles(outdir)
     assert not (outdir / "adapter").exists()
 
     # As a worker would: the same OUTDIR, the spec now pointing at the pause's checkpoint.
