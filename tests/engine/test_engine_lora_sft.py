@@ -112,7 +112,8 @@ def test_checkpoints_are_written_every_n_steps(sft_result):
             "adapter_model.safetensors",
             "trainable_parameters.safetensors",
             "trainer_state.json",
-            "training_state.pt",
+            "training_state.json",
+            "training_state.safetensors",
         ]
         state = json.loads((directory / "trainer_state.json").read_text())
         assert state["step"] == line["step"]
