@@ -104,6 +104,10 @@ class Dataset(models.Model):
         return max(0, self.problem_count - len(self.problems))
 
 
+def job_log_path(job, filename):
+    return f"logs/team-{job.team_id}/job-{job.pk}/{uuid.uuid4().hex}.log"
+
+
 class Job(models.Model):
     class Status(models.TextChoices):
         QUEUED = "queued"
@@ -163,6 +167,8 @@ class Job(models.Model):
     reference_loss_before = models.FloatField(null=True, blank=True)
     reference_loss_after = models.FloatField(null=True, blank=True)
     error_message = models.TextField(blank=True)
+    # The trainer's own output (stderr), every run of the job one after another.
+    log_file = models.FileField(upload_to=job_log_path, max_length=300, blank=True)
 
     class Meta:
         ordering = ["-created_at"]

@@ -1,6 +1,8 @@
+import csv
+
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.http import FileResponse, Http404
+from django.http import FileResponse, Http404, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
@@ -10,7 +12,7 @@ from . import lifecycle, placement, worker_control
 from .charts import loss_chart
 from .datasets import KIND_OF_TASK
 from .forms import AddMemberForm, DatasetUploadForm, JobForm, TeamQuotaForm
-from .models import ApiToken, Artifact, BaseModel, Dataset, Job, Membership, Worker
+from .models import ApiToken, Artifact, BaseModel, Checkpoint, Dataset, Job, Membership, Worker
 from .spec import JobSpec
 from .submission import SubmissionError, submit_job
 from .teams import current_team, get_visible_or_404, visible
@@ -134,6 +136,7 @@ def _job_context(request, pk):
         "chart": loss_chart(list(job.metrics.all())),
         "events": list(job.events.order_by("-created_at", "-id")[:50]),
         "artifacts": list(job.artifacts.all()),
+        "checkpoints": list(job.checkpoints.exclude(file="").order_by("-step")),
     }
 
 
@@ -167,6 +170,36 @@ def job_action(request, pk, action):
 def artifact_download(request, pk):
     artifact = get_visible_or_404(request.user, Artifact.objects.select_related("job"), pk=pk)
     return FileResponse(artifact.file.open("rb"), as_attachment=True, filename=artifact.download_name)
+
+
+@login_required
+def checkpoint_download(request, pk):
+    checkpoint = get_visible_or_404(request.user, Checkpoint.objects.select_related("job").exclude(file=""), pk=pk)
+    name = f"{checkpoint.job.display_name}-checkpoint-step-{checkpoint.step}.zip"
+    return FileResponse(checkpoint.file.open("rb"), as_attachment=True, filename=name)
+
+
+METRIC_COLUMNS = (
+    "step", "epoch", "train_loss", "eval_loss", "eval_accuracy", "learning_rate", "tokens_per_sec", "tokens_seen",
+    "gpu_memory_mb", "cpu_memory_mb",
+)
+
+
+@login_required
+def job_metrics_csv(request, pk):
+    job = get_visible_or_404(request.user, Job.objects.all(), pk=pk)
+    response = HttpResponse(content_type="text/csv")
+    response["Content-Disposition"] = f'attachment; filename="{job.display_name}-metrics.csv"'
+    writer = csv.writer(response)
+    writer.writerow(METRIC_COLUMNS)
+    writer.writerows(job.metrics.order_by("step", "id").values_list(*METRIC_COLUMNS))
+    return response
+
+
+@login_required
+def job_log(request, pk):
+    job = get_visible_or_404(request.user, Job.objects.exclude(log_file=""), pk=pk)
+    return FileResponse(job.log_file.open("rb"), as_attachment=True, filename=f"{job.display_name}-trainer.log")
 
 
 @login_required

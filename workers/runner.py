@@ -21,8 +21,11 @@ from pathlib import Path
 
 from django.conf import settings
 from django.core.files import File
+from django.core.files.base import ContentFile
+from django.utils import timezone
 
 from jobs import lifecycle
+from jobs.model_card import model_card
 from jobs.models import Artifact, Checkpoint, Job, Metric
 from jobs.spec import JobSpec, TrainingRun
 
@@ -236,6 +239,7 @@ def run_claimed_job(job):
         returncode = process.wait()
     reporter.flush()
     job.refresh_from_db()
+    store_log(job, workdir / "trainer.log")
 
     if cancelled or (job.cancel_requested_at and returncode != 0):
         lifecycle.transition(job, Job.Status.CANCELLED, f"cancelled at step {job.step}; the trainer was stopped")
@@ -266,17 +270,22 @@ def explain_exit(returncode, log_path):
     return f"the trainer exited with code {returncode}" + (f":\n{tail[-1500:]}" if tail else "")
 
 
-def zip_directory(directory, zip_path):
+def zip_directory(directory, zip_path, readme=None):
+    """Zip a directory; `readme` (a function of the README the directory holds, if any) writes README.md."""
     with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as archive:
         for path in sorted(directory.rglob("*")):
-            if path.is_file():
+            if path.is_file() and not (readme and path.relative_to(directory).as_posix() == "README.md"):
                 archive.write(path, path.relative_to(directory).as_posix())
+        if readme:
+            own_readme = directory / "README.md"
+            archive.writestr("README.md", readme(own_readme.read_text() if own_readme.exists() else ""))
     return zip_path
 
 
 def store_artifact(job, kind, directory, workdir):
-    """Zip an output directory, checksum it, and save it through the storage API."""
-    zip_path = zip_directory(directory, workdir / f"{kind}.zip")
+    """Zip an output directory with its model card, checksum it, and save it through the storage API."""
+    job.refresh_from_db()  # the card shows the final measurements
+    zip_path = zip_directory(directory, workdir / f"{kind}.zip", readme=lambda own: model_card(job, kind, own))
     digest = hashlib.sha256()
     with open(zip_path, "rb") as file:
         for chunk in iter(lambda: file.read(1 << 20), b""):
@@ -289,6 +298,19 @@ def store_artifact(job, kind, directory, workdir):
         job, f"{artifact.get_kind_display()} stored ({artifact.size:,} bytes, sha256 {artifact.sha256[:12]}…)"
     )
     return artifact
+
+
+def store_log(job, log_path):
+    """Add this run's trainer output to the job's log in storage (a resumed job has several runs)."""
+    earlier = b""
+    if job.log_file:
+        with job.log_file.open("rb") as file:
+            earlier = file.read()
+        job.log_file.delete(save=False)
+    worker = job.worker.hostname if job.worker else "a worker"
+    header = f"=== run on {worker}, ended {timezone.now():%Y-%m-%d %H:%M:%S} UTC at step {job.step} ===\n".encode()
+    job.log_file.save("trainer.log", ContentFile(earlier + header + log_path.read_bytes()), save=False)
+    Job.objects.filter(pk=job.pk).update(log_file=job.log_file.name)
 
 
 def store_checkpoint(job, step, path, outdir, workdir):

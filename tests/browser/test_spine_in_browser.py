@@ -55,5 +55,6 @@ def test_log_in_upload_submit_watch_and_download(live_server, team_user, catalog
     download_info.value.save_as(saved)
     assert download_info.value.suggested_filename == "browser-demo-adapter.zip"
     with zipfile.ZipFile(saved) as archive:
-        assert set(archive.namelist()) == {"adapter_config.json", "adapter_model.safetensors"}
+        assert set(archive.namelist()) == {"adapter_config.json", "adapter_model.safetensors", "README.md"}
+        assert "PeftModel.from_pretrained" in archive.read("README.md").decode()
 

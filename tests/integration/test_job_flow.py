@@ -36,7 +36,7 @@ def job_form(dataset, **overrides):
         "name": "spine", "base_model": "tiny-random-llama", "dataset": dataset.pk, "method": "lora",
         "r": 8, "alpha": 16, "dropout": 0.0, "target_preset": "all_linear", "custom_targets": "",
         "epochs": 1, "max_steps": 40, "batch_size": 8, "learning_rate": 0.01, "max_seq_length": 64,
-        "warmup_steps": 0, "eval_fraction": 0.1, "checkpoint_every": 10, "seed": 7,
+        "warmup_steps": 0, "eval_fraction": 0.1, "checkpoint_every": 10, "seed": 1,
     } | overrides
 
 
@@ -74,7 +74,7 @@ def test_a_job_submitted_in_the_browser_form_trains_on_the_worker_and_downloads(
     merged = job.artifacts.get(kind="merged")
     body = b"".join(client.get(reverse("artifact_download", args=[merged.pk])).streaming_content)
     with zipfile.ZipFile(io.BytesIO(body)) as archive:
-        assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(archive.namelist())
+        assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= set(archive.namelist())
         assert not [name for name in archive.namelist() if name.endswith((".bin", ".pt", ".pkl"))]
 
     artifact = job.artifacts.get(kind="adapter")
@@ -84,7 +84,9 @@ def test_a_job_submitted_in_the_browser_form_trains_on_the_worker_and_downloads(
     body = b"".join(download.streaming_content)
     assert len(body) == artifact.size
     with zipfile.ZipFile(io.BytesIO(body)) as archive:
-        assert set(archive.namelist()) == {"adapter_config.json", "adapter_model.safetensors"}
+        assert set(archive.namelist()) == {"adapter_config.json", "adapter_model.safetensors", "README.md"}
+        card = archive.read("README.md").decode()
+        assert card.startswith("# spine: LoRA of tiny-random-llama") and f"| train loss (mean of the last steps) | {job.train_loss:.4g} |" in card
         adapter_dir = Path(celery_worker.log_path.parent / "downloaded")
         archive.extractall(adapter_dir)
     base = AutoModelForCausalLM.from_pretrained(catalogue["llama"].path)
@@ -94,6 +96,9 @@ def test_a_job_submitted_in_the_browser_form_trains_on_the_worker_and_downloads(
         with tuned.disable_adapter():
             base_logits = tuned(ids).logits
         assert not torch.allclose(tuned(ids).logits, base_logits, atol=1e-4), "the adapter should change the model"
+
+    log = b"".join(client.get(reverse("job_log", args=[job.pk])).streaming_content).decode()
+    assert log.startswith(f"=== run on {celery_worker.hostname}") and "at step 40 ===" in log
 
     worker = Worker.objects.get(hostname=celery_worker.hostname)
     assert worker.current_job is None and worker.is_online
