@@ -81,6 +81,10 @@ class JobForm(forms.Form):
     validation_dataset = forms.ModelChoiceField(
         queryset=Dataset.objects.none(), required=False, empty_label="hold out a share of the training rows",
         help_text="evaluate on another dataset instead")
+    reference_dataset = forms.ModelChoiceField(
+        queryset=Dataset.objects.none(), required=False, empty_label="no forgetting check",
+        label="forgetting check",
+        help_text="text from the base model's own domain: its loss is measured before and after training")
     method = forms.ChoiceField(choices=list(METHOD_LABELS.items()), initial="lora")
     # Method settings: only those of the chosen method are used; empty means the method's default.
     target_preset = forms.ChoiceField(choices=TARGET_PRESETS, initial="attention_qv", label="target modules",
@@ -128,6 +132,7 @@ class JobForm(forms.Form):
         self.team = team
         self.fields["dataset"].queryset = Dataset.objects.filter(team=team, is_valid=True)
         self.fields["validation_dataset"].queryset = Dataset.objects.filter(team=team, is_valid=True)
+        self.fields["reference_dataset"].queryset = Dataset.objects.filter(team=team, is_valid=True)
         self.spec = None
 
     def method_groups(self):
@@ -163,6 +168,7 @@ class JobForm(forms.Form):
             "base_model": base_model.name if base_model else "",
             "dataset": data["dataset"].pk if data.get("dataset") else 0,
             "validation_dataset": data["validation_dataset"].pk if data.get("validation_dataset") else None,
+            "reference_dataset": data["reference_dataset"].pk if data.get("reference_dataset") else None,
             "task": base_model.task if base_model else "causal_lm_sft",
             "method": self.method_data(),
             "hyperparameters": {name: data.get(name) for name in self.HYPERPARAMETERS if data.get(name) is not None},

@@ -185,6 +185,13 @@ class Job(models.Model):
         return self.status in self.ACTIVE_STATUSES
 
     @property
+    def reference_loss_change(self):
+        """The forgetting check's result: how much the loss on the base domain rose, in percent."""
+        if self.reference_loss_before and self.reference_loss_after is not None:
+            return 100 * (self.reference_loss_after - self.reference_loss_before) / self.reference_loss_before
+        return None
+
+    @property
     def spec_json(self):
         return json.dumps(self.spec, indent=2)
 

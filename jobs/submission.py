@@ -66,8 +66,19 @@ def check_against_catalogue(team, spec: JobSpec):
                 f"dataset {validation_dataset.name!r} cannot validate this job: it must be valid and of the same "
                 f"kind as {dataset.name!r} ({dataset.format})",
             )
+    reference_dataset = None
+    if spec.reference_dataset is not None:
+        reference_dataset = Dataset.objects.filter(pk=spec.reference_dataset, team=team).first()
+        if reference_dataset is None:
+            raise SubmissionError("reference_dataset", f"no dataset with id {spec.reference_dataset} in team {team}")
+        if not reference_dataset.is_valid or reference_dataset.kind != "sft":
+            raise SubmissionError(
+                "reference_dataset",
+                f"dataset {reference_dataset.name!r} cannot serve the forgetting check: it must be a valid text "
+                "dataset (text, prompt/completion, alpaca or chat)",
+            )
     check_method_fits_model(base_model, spec.method)
-    return base_model, dataset, validation_dataset
+    return base_model, dataset, validation_dataset, reference_dataset
 
 
 def check_method_fits_model(base_model, method):
@@ -111,7 +122,7 @@ def check_placement(base_model, spec):
 
 
 def submit_job(team, user, spec: JobSpec, name=""):
-    base_model, dataset, validation_dataset = check_against_catalogue(team, spec)
+    base_model, dataset, validation_dataset, reference_dataset = check_against_catalogue(team, spec)
     placement = check_placement(base_model, spec)
     check_queue_quota(team)
     with transaction.atomic():
@@ -122,6 +133,7 @@ def submit_job(team, user, spec: JobSpec, name=""):
             base_model=base_model,
             dataset=dataset,
             validation_dataset=validation_dataset,
+            reference_dataset=reference_dataset,
             spec=spec.model_dump(mode="json"),
             status=Job.Status.QUEUED,
             queue=placement.queue,

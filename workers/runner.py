@@ -35,7 +35,8 @@ STOP_GRACE_SECONDS = 10
 # Keys of the trainer's "finished" event that are stored on the Job as they are.
 FINAL_MEASUREMENTS = (
     "train_loss", "eval_loss", "eval_accuracy", "eval_f1", "perplexity", "wall_time_s", "tokens_per_sec",
-    "peak_memory_mb", "artifact_bytes", "latency_ms", "latency_merged_ms",
+    "peak_memory_mb", "artifact_bytes", "latency_ms", "latency_merged_ms", "reference_loss_before",
+    "reference_loss_after",
 )
 STDERR_TAIL_BYTES = 4000
 
@@ -65,6 +66,10 @@ def prepare_workdir(job):
         run.eval_dataset_path = copy_dataset(job.validation_dataset, workdir, "validation")
         run.eval_dataset_format = job.validation_dataset.format
         run.eval_column_map = job.validation_dataset.column_map
+    if job.reference_dataset:
+        run.reference_dataset_path = copy_dataset(job.reference_dataset, workdir, "reference")
+        run.reference_dataset_format = job.reference_dataset.format
+        run.reference_column_map = job.reference_dataset.column_map
     checkpoint = job.checkpoints.exclude(file="").order_by("-step").first()
     if checkpoint is not None:
         run.resume_from = str(unpack_checkpoint(checkpoint, workdir / "resume"))

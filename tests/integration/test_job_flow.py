@@ -49,7 +49,11 @@ def test_a_job_submitted_in_the_browser_form_trains_on_the_worker_and_downloads(
     client, team_user, catalogue, instruction_dataset, celery_worker
 ):
     client.force_login(team_user)
-    response = client.post(reverse("job_new"), job_form(instruction_dataset, export_merged="on"))
+    proverbs = b"".join(b'{"text": "%s"}\n' % text for text in (b"All that glitters is not gold.", b"Haste makes waste."))
+    reference = store_dataset(team_user.memberships.get().team, team_user, "proverbs.jsonl", proverbs)
+    response = client.post(
+        reverse("job_new"), job_form(instruction_dataset, export_merged="on", reference_dataset=reference.pk)
+    )
     assert response.status_code == 302, response.context["form"].errors if response.context else response
     job = Job.objects.get()
 
@@ -64,12 +68,15 @@ def test_a_job_submitted_in_the_browser_form_trains_on_the_worker_and_downloads(
     assert Metric.objects.filter(job=job, eval_loss__isnull=False).exists()
 
     # Measured by the worker at the end of the job.
+    assert job.reference_loss_before > 0 and job.reference_loss_after > 0
+    assert job.reference_loss_after != job.reference_loss_before
     assert job.perplexity > 1 and job.peak_memory_mb > 0 and job.artifact_bytes > 0
     assert job.latency_ms > 0 and job.latency_merged_ms > 0 and job.eval_f1 is None
 
     page = client.get(reverse("job_detail", args=[job.pk])).content.decode()
     assert "succeeded" in page and "Download Adapter" in page and f"{job.train_loss:.4f}" in page
     assert "Download Merged model" in page and "Perplexity" in page
+    assert f"loss on proverbs.jsonl: {job.reference_loss_before:.4f} before" in page
 
     merged = job.artifacts.get(kind="merged")
     body = b"".join(client.get(reverse("artifact_download", args=[merged.pk])).streaming_content)

@@ -7,7 +7,7 @@ sorted label names so the same file always gives the same ids.
 """
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -30,6 +30,8 @@ class TrainingData:
     eval: list[TokenizedExample]
     label_names: list[str] | None  # classification only; index = label id
     pad_token_id: int
+    # The forgetting check's rows from the base model's own domain; empty when the job has none.
+    reference: list[TokenizedExample] = field(default_factory=list)
 
 
 def load_training_data(run, tokenizer, log=print):
@@ -78,7 +80,16 @@ def load_training_data(run, tokenizer, log=print):
             log(f"skipped {skipped} examples whose completion starts after max_seq_length tokens")
     if not train_set:
         raise ValueError("no training examples left: every completion starts after max_seq_length tokens")
-    return TrainingData(train_set, eval_set, label_names, pad_token_id=_pad_token_id(tokenizer))
+    reference_set = []
+    if run.reference_dataset_path:
+        reference_examples = load_examples(run.reference_dataset_path, run.reference_dataset_format, run.reference_column_map)
+        if isinstance(reference_examples[0], tuple):
+            raise ValueError("the reference dataset of the forgetting check must be text for a language model, "
+                             "not a classification dataset")
+        reference_set = _with_trained_tokens([tokenize(example) for example in reference_examples])
+        if not reference_set:
+            raise ValueError("the reference dataset has no tokens to measure a loss on within max_seq_length")
+    return TrainingData(train_set, eval_set, label_names, pad_token_id=_pad_token_id(tokenizer), reference=reference_set)
 
 
 def split_train_eval(examples, eval_fraction, seed):

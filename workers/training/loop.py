@@ -73,6 +73,14 @@ def train(run, outdir, progress, pause_requested=None):
     if hasattr(method, "base_model_kwargs"):
         base_model_kwargs = method.base_model_kwargs(spec.method, spec.task, on_gpu)
     model = load_model(run, data.label_names, data.pad_token_id, **base_model_kwargs)
+    reference_loader, reference_loss_before = None, None
+    if data.reference:
+        # The forgetting check: the base model's loss on text of its own domain, before the method touches it.
+        reference_loader = accelerator.prepare_data_loader(
+            make_loader(data.reference, hyperparameters.batch_size, data.pad_token_id)
+        )
+        reference_loss_before = reference_loss(model, reference_loader, accelerator)
+        progress.log(f"forgetting check: the base model's loss on the reference set is {reference_loss_before:.4f}")
     model = method.apply(model, spec.method, spec.task, architecture_family(model))
     trainable_params, total_params = count_parameters(model)
     optimizer = torch.optim.AdamW(
@@ -196,6 +204,7 @@ def train(run, outdir, progress, pause_requested=None):
 
     # --- the result ---
     evaluation = run_eval(step) if data.eval else None
+    reference_loss_after = reference_loss(model, reference_loader, accelerator) if reference_loader else None
     # Taken now: merging below may load another copy of the base (QLoRA reloads it unquantized).
     peak_memory_mb = measure.peak_memory_mb()
     # Without the mixed-precision wrapper, the model returned computes in full
@@ -238,5 +247,15 @@ def train(run, outdir, progress, pause_requested=None):
         artifact_bytes=measure.size_on_disk(outdir / ADAPTER_DIR),
         latency_ms=latency_ms,
         latency_merged_ms=latency_merged_ms,
+        reference_loss_before=reference_loss_before,
+        reference_loss_after=reference_loss_after,
     )
     return trained_model
+
+
+def reference_loss(model, loader, accelerator):
+    # A quantized base was loaded onto its device already and cannot be moved; prepare() moves the others later.
+    if not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
+        model.to(accelerator.device)
+    with accelerator.autocast():
+        return evaluate(model, loader, "causal_lm_sft").loss

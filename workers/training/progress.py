@@ -11,7 +11,8 @@ Events and their keys (the worker depends on them):
     artifact    kind ("adapter": the method's artifact; "merged": a standalone merged model), path
     finished    steps, train_loss, eval_loss, eval_accuracy, eval_f1, perplexity, wall_time_s,
                 trainable_params, total_params, tokens_per_sec, peak_memory_mb, artifact_bytes,
-                latency_ms, latency_merged_ms
+                latency_ms, latency_merged_ms, reference_loss_before, reference_loss_after
+                (the forgetting check: the loss on the reference set before and after; null without one)
     paused      step, path (of the checkpoint just saved at that step); the last line of a paused run
     log         message
     error       message
