@@ -11,9 +11,10 @@ full; 409 for a job in a state that does not allow the action.
 """
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from django.http import FileResponse
+from django.shortcuts import get_object_or_404
 from ninja import File, Form, NinjaAPI, Schema, Status
 from ninja.errors import HttpError
 from ninja.files import UploadedFile
@@ -24,10 +25,11 @@ from pydantic import Field
 from . import lifecycle
 from .api_auth import token_user
 from .forms import DatasetUploadForm
-from .models import Artifact, BaseModel, Dataset, Job, JobEvent, Worker
+from .models import Artifact, BaseModel, Dataset, Job, JobEvent, Sweep, Worker
 from .spec import METHOD_LABELS, JobSpec
 from .submission import QuotaExceeded, SubmissionError, submit_job
-from .teams import current_team, get_visible_or_404, visible
+from .sweeps import SWEEP_METRICS, GridError, best_job, submit_sweep
+from .teams import current_team, get_visible_or_404, teams_of, visible
 
 RETRYABLE_STATUSES = (Job.Status.FAILED, Job.Status.CANCELLED)
 MethodType = Literal[tuple(METHOD_LABELS)]
@@ -317,3 +319,69 @@ def list_workers(request):
     if not request.auth.is_staff:
         return Status(403, {"detail": "the worker list is for staff"})
     return Worker.objects.all()
+
+
+# Sweeps ------------------------------------------------------------------------------------------
+
+SweepMetric = Literal[tuple(SWEEP_METRICS)]
+
+
+class SweepIn(Schema):
+    name: str = Field("", max_length=100, description="each job is named '<name> · <its grid values>'")
+    base_spec: JobSpec = Field(description="the JobSpec every point starts from")
+    grid: dict[str, list[Any]] = Field(
+        description="dotted JobSpec field -> values to try, e.g. {\"method.type\": [\"lora\", \"ia3\"], "
+        "\"method.r\": [4, 8]}; a method.* key is left out for methods without that setting, and identical "
+        "points are merged",
+    )
+    metric: SweepMetric = Field("eval_loss", description="what picks the best run")
+
+
+class SweepJobOut(JobOut):
+    sweep_point: dict = Field(description="this job's values of the sweep's grid")
+
+
+class SweepOut(Schema):
+    id: int
+    name: str
+    metric: SweepMetric
+    higher_is_better: bool = Field(description="the direction of the metric")
+    base_spec: dict
+    grid: dict
+    created_at: datetime
+    jobs: list[SweepJobOut]
+    best_job: int | None = Field(description="the succeeded job with the best metric so far")
+
+    @staticmethod
+    def resolve_higher_is_better(sweep):
+        return SWEEP_METRICS[sweep.metric].higher_is_better
+
+    @staticmethod
+    def resolve_jobs(sweep):
+        return sweep.jobs.select_related("base_model").order_by("id")
+
+    @staticmethod
+    def resolve_best_job(sweep):
+        best = best_job(sweep, sweep.jobs.all())
+        return best.pk if best else None
+
+
+@api.exception_handler(GridError)
+def grid_refused(request, error):
+    # A grid that cannot make a sweep is a body that does not validate: 422, with the grid key in loc.
+    location = ["body", "grid"] + ([error.field] if error.field else [])
+    return api.create_response(request, {"detail": [{"loc": location, "msg": error.message}]}, status=422)
+
+
+@api.post("/sweeps", response={201: SweepOut, 400: SubmissionRefusal, 422: dict, 429: Refusal}, tags=["sweeps"])
+def create_sweep(request, sweep: SweepIn):
+    """Queue a job per point of the grid, all or none. A point that does not validate answers 422 naming the
+    grid key and value; a sweep that would take the team past its queued-jobs quota 429 with the numbers."""
+    return Status(201, submit_sweep(team_of(request.auth), request.auth, sweep.base_spec, sweep.grid,
+                                    sweep.metric, name=sweep.name))
+
+
+@api.get("/sweeps/{sweep_id}", response=SweepOut, tags=["sweeps"])
+def sweep_detail(request, sweep_id: int):
+    """The sweep with the progress and metrics of its jobs."""
+    return get_object_or_404(Sweep.objects.filter(team__in=teams_of(request.auth)), pk=sweep_id)

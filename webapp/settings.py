@@ -114,6 +114,8 @@ QUOTA_RETRY_SECONDS = int(os.environ.get("QUOTA_RETRY_SECONDS", 15))
 # Checkpoints kept in storage per job (older ones keep their row, not their file): the last to resume
 # from, and a few before it in case the last was written by a trainer that was going wrong.
 CHECKPOINT_FILES_KEPT = int(os.environ.get("TUNEDECK_CHECKPOINT_FILES_KEPT", 3))
+# The most jobs one sweep may queue: a grid is easy to make larger than the workers can get through.
+TUNEDECK_SWEEP_MAX_JOBS = int(os.environ.get("TUNEDECK_SWEEP_MAX_JOBS", 64))
 MODELS_DIR = Path(os.environ.get("TUNEDECK_MODELS_DIR", DATA_DIR / "models"))
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")

@@ -10,7 +10,7 @@ from django.core.files.base import ContentFile
 from django.test import Client
 from django.urls import URLResolver, get_resolver
 
-from jobs.models import ApiToken, Artifact, Checkpoint, Job, Membership
+from jobs.models import ApiToken, Artifact, Checkpoint, Job, Membership, Sweep
 from jobs.spec import JobSpec
 from jobs.submission import submit_job
 from jobs.uploads import store_dataset
@@ -21,6 +21,7 @@ OBJECT_OF_ROUTE = {
     "job_": "job",
     "artifact_": "artifact",
     "checkpoint_": "checkpoint",
+    "sweep_": "sweep",
     "team_member_": "membership",
     "token_": "token",
 }
@@ -58,6 +59,7 @@ def alices_objects(team_user, catalogue, data_dirs, django_capture_on_commit_cal
         "artifact": artifact,
         "membership": Membership.objects.get(user=team_user),
         "token": ApiToken.issue(team_user, "alice's")[0],
+        "sweep": Sweep.objects.create(team=team, created_by=team_user, base_spec=job.spec, grid={"method.r": [4]}),
     }
 
 

@@ -9,14 +9,14 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
 
 from jobs import lifecycle
-from jobs.models import ApiToken, Artifact, Job, Metric, Worker
+from jobs.models import ApiToken, Artifact, Job, Metric, Sweep, Worker
 from jobs.spec import JobSpec
 from jobs.submission import submit_job
 from jobs.uploads import store_dataset
 
 PROMPT_ROWS = b'{"prompt": "2+2=", "completion": "4"}\n' * 4
 # Path parameter -> which of alice's objects it names.
-OBJECT_OF_PARAMETER = {"dataset_id": "dataset", "job_id": "job", "artifact_id": "artifact"}
+OBJECT_OF_PARAMETER = {"dataset_id": "dataset", "job_id": "job", "artifact_id": "artifact", "sweep_id": "sweep"}
 
 
 def client_with_token(user):
@@ -211,7 +211,8 @@ def api_routes_with_an_id(schema):
 
 
 def test_another_teams_objects_answer_404_on_every_api_route(client, dataset, job, artifact, other_team_user):
-    alices = {"dataset": dataset, "job": job, "artifact": artifact}
+    sweep = Sweep.objects.create(team=job.team, base_spec=job.spec, grid={"method.r": [4]})
+    alices = {"dataset": dataset, "job": job, "artifact": artifact, "sweep": sweep}
     bob = client_with_token(other_team_user)
     routes = list(api_routes_with_an_id(client.get("/api/openapi.json").json()))
     assert len(routes) >= 8
@@ -239,6 +240,7 @@ def test_the_schema_lists_every_route_and_the_docs_page_serves_swagger_locally(c
         ("post", "/api/jobs/{job_id}/pause"), ("post", "/api/jobs/{job_id}/resume"),
         ("get", "/api/jobs/{job_id}/artifacts"), ("get", "/api/artifacts/{artifact_id}/download"),
         ("get", "/api/workers"),
+        ("post", "/api/sweeps"), ("get", "/api/sweeps/{sweep_id}"),
     }
     docs = client.get("/api/docs").content.decode()
     assert "swagger-ui-bundle.js" in docs and "cdn." not in docs
