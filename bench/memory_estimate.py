@@ -34,7 +34,7 @@ SHAPES = {
                         num_key_value_heads=4, tie_word_embeddings=False, max_position_embeddings=4096), 32000),
 }
 ALL_LINEAR = {"target_modules": "all_linear"}
-# name: (shape, method, batch_size, max_seq_length)
+# name: (shape, method, batch_size, max_seq_length[, more hyperparameters])
 CONFIGURATIONS = {
     "lora-qv-b8-s512": ("llama-1b", {"type": "lora"}, 8, 512),
     "lora-all-b8-s1024": ("llama-1b", {"type": "lora", **ALL_LINEAR}, 8, 1024),
@@ -50,7 +50,11 @@ CONFIGURATIONS = {
     "0.5b-lora-all-b16-s512": ("llama-0.5b", {"type": "lora", **ALL_LINEAR}, 16, 512),
     "0.5b-full-b8-s512": ("llama-0.5b", {"type": "full"}, 8, 512),
     "0.5b-qlora-all-b16-s1024": ("llama-0.5b", {"type": "qlora", **ALL_LINEAR}, 16, 1024),
+    "lora-all-gc-b8-s1024": ("llama-1b", {"type": "lora", **ALL_LINEAR}, 8, 1024, {"gradient_checkpointing": True}),
+    "full-gc-b8-s1024": ("llama-1b", {"type": "full"}, 8, 1024, {"gradient_checkpointing": True}),
 }
+# Far beyond one GPU: the job must fail with the out-of-memory message, not crash the trainer.
+TOO_LARGE = ("llama-1b", {"type": "full"}, 64, 4096)
 STEPS = 3
 
 
@@ -63,13 +67,13 @@ def write_dataset(path, rows, length):
     return path
 
 
-def measure(name, workdir, models):
-    shape_name, method, batch_size, max_seq_length = CONFIGURATIONS[name]
+def measure(name, workdir, models, configuration=None):
+    shape_name, method, batch_size, max_seq_length, *more = configuration or CONFIGURATIONS[name]
     model_path = models[shape_name]
     spec = JobSpec(
         base_model=shape_name, dataset=1, method=method,
         hyperparameters={"batch_size": batch_size, "max_seq_length": max_seq_length, "max_steps": STEPS,
-                         "eval_fraction": 0, "checkpoint_every": 1000, "learning_rate": 1e-4},
+                         "eval_fraction": 0, "checkpoint_every": 1000, "learning_rate": 1e-4, **(more[0] if more else {})},
     )
     estimate = estimate_peak_memory(describe_model(model_path), spec, "cuda")
     run_dir = workdir / name
@@ -105,6 +109,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("bench/out"))
     parser.add_argument("--only", nargs="*", default=list(CONFIGURATIONS))
+    parser.add_argument("--too-large", action="store_true", help="also run a job no GPU holds and show its error")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     import torch
@@ -113,13 +118,17 @@ def main():
     models = {
         shape: build_random_llama(workdir / "models" / shape, config, dtype=torch.bfloat16, vocab_size=vocab)
         for shape, (config, vocab) in SHAPES.items()
-        if any(CONFIGURATIONS[name][0] == shape for name in args.only)
+        if any(CONFIGURATIONS[name][0] == shape for name in args.only) or (args.too_large and shape == TOO_LARGE[0])
     }
     results = []
     for name in args.only:
         result = measure(name, workdir, models)
         results.append(result)
         print(json.dumps(result), flush=True)
+    if args.too_large:
+        result = measure("too-large", workdir, models, TOO_LARGE)
+        print(json.dumps(result), flush=True)
+        results.append(result)
     (args.out / "memory_estimate.json").write_text(json.dumps(results, indent=2))
 
     print(f"\n{'configuration':28} {'estimate MiB':>12} {'measured MiB':>12} {'error':>7}")

@@ -121,10 +121,12 @@ class JobForm(forms.Form):
     eval_fraction = forms.FloatField(initial=0.1)
     checkpoint_every = forms.IntegerField(initial=50)
     seed = forms.IntegerField(initial=42)
+    gradient_checkpointing = forms.BooleanField(
+        required=False, help_text="recompute activations in the backward pass: much less memory, about a third slower")
 
     HYPERPARAMETERS = (
         "epochs", "max_steps", "batch_size", "learning_rate", "max_seq_length",
-        "warmup_steps", "eval_fraction", "checkpoint_every", "seed",
+        "warmup_steps", "eval_fraction", "checkpoint_every", "seed", "gradient_checkpointing",
     )
 
     def __init__(self, *args, team, **kwargs):
@@ -176,6 +178,7 @@ class JobForm(forms.Form):
         }
 
     def _field_for(self, name):
+        name = (name or "").rsplit(".", 1)[-1]  # a dotted JobSpec path (hyperparameters.max_seq_length) names its form field
         name = {"target_modules": "custom_targets"}.get(name, name)
         if name in METHOD_LABELS:  # a check of the whole method section
             name = "method"

@@ -16,7 +16,8 @@ Status = Job.Status
 
 ALLOWED_TRANSITIONS = {
     Status.QUEUED: {Status.RUNNING, Status.PAUSED, Status.CANCELLED},
-    Status.RUNNING: {Status.SUCCEEDED, Status.FAILED, Status.CANCELLED, Status.PAUSED},
+    # Back to QUEUED when its worker is lost (workers/reconciler.py); the next one resumes it.
+    Status.RUNNING: {Status.SUCCEEDED, Status.FAILED, Status.CANCELLED, Status.PAUSED, Status.QUEUED},
     # Resuming queues the job again; a worker continues it from its last checkpoint.
     Status.PAUSED: {Status.QUEUED, Status.CANCELLED},
     Status.SUCCEEDED: set(),

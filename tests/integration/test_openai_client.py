@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from jobs import demo_data
-from jobs.models import ApiToken, Job, Metric
+from jobs.models import ApiToken, Checkpoint, Job, Metric
 from tests.conftest import JOB_TIMEOUT, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
@@ -144,6 +144,9 @@ def test_upload_train_watch_checkpoints_and_cancel(live_server, team_user, catal
     assert sorted(resumed_steps) == list(range(1, max(resumed_steps) + 1)), "each step once, none lost or repeated"
     client.fine_tuning.jobs.cancel(long_job.id)
     assert wait_until_finished(client, long_job.id).status == "cancelled"
+    # Cancelling keeps the checkpoints, files and all, for downloading or a later retention policy.
+    kept = Checkpoint.objects.filter(job_id=job_number(long_job)).exclude(file="")
+    assert kept.exists() and all(checkpoint.file.storage.exists(checkpoint.file.name) for checkpoint in kept)
 
     first_page = client.fine_tuning.jobs.list(limit=1)
     assert [listed.id for listed in first_page.data] == [long_job.id] and first_page.has_more

@@ -3,7 +3,7 @@ from datetime import timedelta
 from django.utils import timezone
 
 from jobs.models import Worker
-from workers.tasks import mark_silent_workers_offline
+from workers.reconciler import mark_silent_workers_offline
 
 
 def test_workers_silent_for_too_long_are_marked_offline(db, settings):

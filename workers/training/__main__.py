@@ -13,6 +13,7 @@ job. SIGTERM cancels: the process dies at once, as by default.
 
 import argparse
 import os
+import resource
 import signal
 import sys
 import threading
@@ -33,6 +34,7 @@ def main(argv=None):
     # Installed before anything slow: until then SIGUSR1 would kill the process, as it does by default.
     pause_requested = threading.Event()
     signal.signal(signal.SIGUSR1, lambda signum, frame: pause_requested.set())
+    limit_memory(os.environ.get(MEMORY_LIMIT_VARIABLE))
 
     # Keep the real stdout for progress only, and send fd 1 to stderr so that
     # whatever a library prints cannot break the worker's line parser.
@@ -57,6 +59,20 @@ def main(argv=None):
     return 0
 
 
+MEMORY_LIMIT_VARIABLE = "TUNEDECK_TRAINER_MEMORY_LIMIT_MB"
+WHAT_TO_TRY = (
+    "try QLoRA (a 4-bit base), a smaller batch_size, a shorter max_seq_length, or gradient_checkpointing"
+)
+
+
+def limit_memory(megabytes):
+    """Cap the trainer's address space, so that running out of memory is an error we can explain,
+    not the kernel's OOM killer taking the worker or its neighbours down."""
+    if megabytes:
+        limit = int(megabytes) * 2**20
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
 def describe(error):
     """A one-paragraph message for the user, naming what to change where that is known."""
     if isinstance(error, ValidationError):
@@ -66,7 +82,11 @@ def describe(error):
         ]
         return "invalid training spec: " + "; ".join(problems)
     if type(error).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch here
-        return f"out of GPU memory; try a smaller batch_size or max_seq_length ({error})"
+        return f"out of GPU memory: {WHAT_TO_TRY}. ({str(error).splitlines()[0]})"
+    if isinstance(error, MemoryError) or "can't allocate memory" in str(error):
+        limit = os.environ.get(MEMORY_LIMIT_VARIABLE)
+        within = f" within the worker's limit of {limit} MB" if limit else ""
+        return f"out of CPU memory{within}: {WHAT_TO_TRY}."
     if isinstance(error, (ValueError, FloatingPointError, FileNotFoundError)):
         return str(error)
     return f"{type(error).__name__}: {error}"

@@ -61,7 +61,7 @@ def train(run, outdir, progress, pause_requested=None):
     )
 
     # --- data ---
-    tokenizer = load_tokenizer(run.model_path)
+    tokenizer = load_tokenizer(run.model_path, run.trust_remote_code)
     data = load_training_data(run, tokenizer, log=progress.log)
     train_loader = make_loader(
         data.train, hyperparameters.batch_size, data.pad_token_id, shuffle=True, seed=hyperparameters.seed
@@ -81,6 +81,9 @@ def train(run, outdir, progress, pause_requested=None):
         )
         reference_loss_before = reference_loss(model, reference_loader, accelerator)
         progress.log(f"forgetting check: the base model's loss on the reference set is {reference_loss_before:.4f}")
+    if hyperparameters.gradient_checkpointing:
+        # Non-reentrant: the variant torch recommends, which also works when the inputs need no gradient.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = method.apply(model, spec.method, spec.task, architecture_family(model))
     trainable_params, total_params = count_parameters(model)
     optimizer = torch.optim.AdamW(

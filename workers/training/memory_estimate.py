@@ -30,7 +30,7 @@ ACTIVATION_BYTES_PER_FFN = {"cuda": 9.8, "cpu": 20}
 LOGIT_BYTES_PER_VOCAB = {"cuda": 12.8, "cpu": 12}
 # peft's LoRA dropout keeps its output per targeted layer, per token and input feature.
 LORA_DROPOUT_BYTES_PER_INPUT = 2.3
-# With gradient checkpointing (QLoRA), a layer keeps only its input until it is recomputed.
+# With gradient checkpointing (asked for, or QLoRA's), a layer keeps only its input until it is recomputed.
 CHECKPOINTED_BYTES_PER_HIDDEN = 0.9
 # bitsandbytes: a 4-bit weight is half a byte plus its block's scale (float32 per 64 weights,
 # or 8 bits per 64 with a float32 per 256 blocks when the scales are quantized too).
@@ -113,7 +113,7 @@ def estimate_peak_memory(info, spec, device="cuda"):
         per_token_layer += LORA_DROPOUT_BYTES_PER_INPUT * sum(
             inputs * count for inputs, _, count in targeted(layer_linears, info, method.target_modules).values()
         ) / layers
-    if method.type == "qlora":  # gradient checkpointing: one layer's activations live, the others' inputs kept
+    if method.type == "qlora" or hp.gradient_checkpointing:  # one layer's activations live, the others' inputs kept
         activations = tokens * (layers * CHECKPOINTED_BYTES_PER_HIDDEN * hidden + per_token_layer)
     else:
         activations = tokens * layers * per_token_layer
