@@ -20,15 +20,17 @@ class BaseModelForm(forms.ModelForm):
         model = BaseModel
         exclude = ["architecture_info"]
 
-    def clean_path(self):
+    def clean(self):
         from workers.training.catalogue import describe_model
 
-        path = self.cleaned_data["path"]
-        try:
-            self.instance.architecture_info = describe_model(path)
-        except (OSError, ValueError) as error:
-            raise forms.ValidationError(f"cannot read a model at {path}: {error}")
-        return path
+        cleaned_data = super().clean()
+        path = cleaned_data.get("path")
+        if path:
+            try:
+                self.instance.architecture_info = describe_model(path, cleaned_data.get("trust_remote_code", False))
+            except (OSError, ValueError) as error:
+                self.add_error("path", f"cannot read a model at {path}: {error}")
+        return cleaned_data
 
 
 @admin.register(BaseModel)

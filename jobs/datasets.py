@@ -14,6 +14,11 @@ from dataclasses import dataclass, field
 
 MAX_ERRORS_SHOWN = 20
 PREVIEW_ROWS = 5
+# A chat row nests four levels deep; far deeper is junk, and everything that later walks the row
+# (the database's JSON, the page, the API's serializer) would have to survive it.
+MAX_NESTING = 32
+# How much of a value a problem message quotes: the message is stored and shown, the value may be huge.
+QUOTED_CHARS = 60
 
 # format name -> (kind, required fields, description)
 FORMATS = {
@@ -77,6 +82,64 @@ class DatasetReport:
             self.problems.append(Problem(line, message))
 
 
+def unstorable_text(text):
+    """Why `text` cannot be kept, or None: PostgreSQL refuses NUL characters and lone surrogates
+    (a JSON escape like \\ud800 decodes to one), and no tokenizer can encode a surrogate either."""
+    if "\x00" in text:
+        return "contains a NUL character"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid Unicode (it holds a lone surrogate, such as the escape \\ud800)"
+    return None
+
+
+def quoted(value):
+    shown = repr(value)
+    return shown if len(shown) <= QUOTED_CHARS else shown[:QUOTED_CHARS] + "…"
+
+
+def _row_problem(row):
+    """What makes a parsed JSON row unfit to store or to train on, or None."""
+    pending = [(row, 1, None)]
+    # A loop, not recursion: the row may nest as deep as json.loads allows.
+    while pending:
+        value, depth, field_name = pending.pop()
+        if depth > MAX_NESTING:
+            return f'field "{field_name}" is nested more than {MAX_NESTING} levels deep'
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if problem := unstorable_text(key):
+                    where = f'field "{field_name}" holds a key that' if field_name else f"the field name {quoted(key)}"
+                    return f"{where} {problem}"
+                pending.append((item, depth + 1, field_name or key[:QUOTED_CHARS]))
+        elif isinstance(value, list):
+            pending.extend((item, depth + 1, field_name) for item in value)
+        elif isinstance(value, str) and (problem := unstorable_text(value)):
+            return f'field "{field_name}" {problem}'
+    return None
+
+
+# The first bytes of the archives and compressed files people upload instead of the dataset itself.
+ARCHIVE_SIGNATURES = {
+    b"PK\x03\x04": "zip archive",
+    b"PK\x05\x06": "zip archive",
+    b"\x1f\x8b": "gzip file",
+    b"BZh": "bzip2 file",
+    b"\xfd7zXZ\x00": "xz file",
+    b"(\xb5/\xfd": "zstd file",
+    b"7z\xbc\xaf\x27\x1c": "7z archive",
+    b"Rar!\x1a\x07": "rar archive",
+}
+
+
+def archive_kind(data):
+    """What kind of archive `data` is, or None; a tar says so at byte 257."""
+    if data[257:262] == b"ustar":
+        return "tar archive"
+    return next((kind for signature, kind in ARCHIVE_SIGNATURES.items() if data.startswith(signature)), None)
+
+
 def container_of(filename):
     name = filename.lower()
     if name.endswith(".csv"):
@@ -97,12 +160,27 @@ def _decode(data, report):
         return None
 
 
+def _report_long_lines(lines, report, limits, first_line=1):
+    """Report every line over the limit; return whether there was one."""
+    long_lines = [
+        (number, len(line)) for number, line in enumerate(lines, first_line) if len(line) > limits.max_line_chars
+    ]
+    for number, length in long_lines:
+        report.add_problem(number, f"line is {length} characters long; the limit is {limits.max_line_chars}")
+    return bool(long_lines)
+
+
 def _read_rows(text, container, report, limits):
     """Yield (line number, row dict) for every row; report rows that are not objects."""
     if container in ("csv", "tsv"):
         if "\x00" in text:
             report.add_problem(text[: text.index("\x00")].count("\n") + 1, "the file contains a NUL character")
             return
+        # A row cannot be skipped in CSV (a quote may run on over lines), so a line too long stops the file.
+        if _report_long_lines(text.split("\n"), report, limits):
+            return
+        # The csv module has a process-wide cap on a field (128 KiB by default); ours is the line limit.
+        csv.field_size_limit(max(csv.field_size_limit(), limits.max_line_chars))
         reader = csv.DictReader(io.StringIO(text), delimiter="\t" if container == "tsv" else ",")
         try:
             for row in reader:
@@ -116,34 +194,46 @@ def _read_rows(text, container, report, limits):
     if container == "json":
         try:
             items = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as exc:
-            line = getattr(exc, "lineno", None)
-            report.add_problem(line, f"not valid JSON: {getattr(exc, 'msg', 'nested too deeply')}")
+        except (ValueError, RecursionError) as exc:
+            report.add_problem(getattr(exc, "lineno", None), f"not valid JSON: {_json_error(exc)}")
             return
         if not isinstance(items, list):
             report.add_problem(1, "a .json file must hold an array of objects (or upload JSON Lines as .jsonl)")
             return
         for index, item in enumerate(items, start=1):
-            if isinstance(item, dict):
-                yield index, item
-            else:
+            if not isinstance(item, dict):
                 report.add_problem(index, f"item {index} of the array is {type(item).__name__}, not an object")
+            elif problem := _row_problem(item):
+                report.add_problem(index, problem)
+            else:
+                yield index, item
         return
-    for number, line in enumerate(text.splitlines(), start=1):
+    # JSON Lines are separated by "\n" only: splitlines() would also split inside a string holding
+    # U+2028 or U+0085, which JSON allows unescaped.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
-        if len(line) > limits.max_line_chars:
-            report.add_problem(number, f"line is {len(line)} characters long; the limit is {limits.max_line_chars}")
+        if _report_long_lines([line], report, limits, first_line=number):
             continue
         try:
             row = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as exc:
-            report.add_problem(number, f"not valid JSON: {getattr(exc, 'msg', 'nested too deeply')}")
+        except (ValueError, RecursionError) as exc:
+            report.add_problem(number, f"not valid JSON: {_json_error(exc)}")
             continue
         if not isinstance(row, dict):
             report.add_problem(number, f"expected a JSON object, got {type(row).__name__}")
             continue
+        if problem := _row_problem(row):
+            report.add_problem(number, problem)
+            continue
         yield number, row
+
+
+def _json_error(exc):
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    # JSONDecodeError says what and where; a plain ValueError is e.g. an integer of more than 4300 digits.
+    return getattr(exc, "msg", str(exc))
 
 
 def detect_format(row):
@@ -184,7 +274,7 @@ def _check_chat(row, problems):
             continue
         role, content = message.get("role"), message.get("content")
         if role not in CHAT_ROLES:
-            problems.append(f'message {index}: role must be one of {", ".join(CHAT_ROLES)}, got {role!r}')
+            problems.append(f'message {index}: role must be one of {", ".join(CHAT_ROLES)}, got {quoted(role)}')
         if not isinstance(content, str):
             problems.append(f'message {index}: "content" must be a string')
             continue
@@ -264,6 +354,10 @@ def validate(data, filename, fmt=None, column_map=None, limits=None):
     if not data.strip():
         report.add_problem(None, "the file is empty")
         return report
+    if kind := archive_kind(data):
+        report.add_problem(None, f"the file is a {kind}; archives are not accepted: upload the .jsonl, .json, "
+                                 ".csv or .tsv file itself")
+        return report
     text = _decode(data, report)
     if text is None:
         return report
@@ -275,9 +369,8 @@ def validate(data, filename, fmt=None, column_map=None, limits=None):
             report.format = detect_format(row | mapped)
             if report.format is None:
                 expected = "; ".join(f"{name}: {shape}" for name, (_, _, shape) in FORMATS.items())
-                report.add_problem(
-                    line, f"cannot tell the format from the fields {sorted(row)}; expected one of: {expected}"
-                )
+                fields = ", ".join(quoted(name) for name in sorted(row)[:10]) + (", …" if len(row) > 10 else "")
+                report.add_problem(line, f"cannot tell the format from the fields [{fields}]; expected one of: {expected}")
                 return report
         if report.rows >= limits.max_rows:
             report.add_problem(line, f"more than {limits.max_rows:,} rows; the limit is {limits.max_rows:,}")

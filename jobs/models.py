@@ -56,6 +56,11 @@ class BaseModel(models.Model):
 
     # What submission checks need without loading the model: hidden size, linear layer names.
     architecture_info = models.JSONField(default=dict, blank=True)
+    # A model that ships its own Python code (auto_map in its config) runs that code on every worker that loads it.
+    trust_remote_code = models.BooleanField(
+        default=False, help_text="let workers run the Python code this model ships (its config's auto_map); only for "
+        "code you have read and trust",
+    )
 
     class Meta:
         ordering = ["name"]

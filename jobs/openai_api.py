@@ -27,18 +27,19 @@ import json
 import re
 from typing import Literal
 
+from django.conf import settings
 from django.db.models import ProtectedError
 from django.http import FileResponse, Http404, JsonResponse
 from django.urls import path
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 from pydantic import BaseModel as Schema
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError, field_validator
 
 from . import lifecycle
 from .api_auth import token_user
 from .models import BaseModel, Dataset, Job, JobEvent, Metric
-from .spec import Hyperparameters, JobSpec
+from .spec import Hyperparameters, JobSpec, refuse_unstorable_text
 from .submission import QuotaExceeded, SubmissionError, submit_job
 from .teams import current_team, get_visible_or_404, visible
 from .uploads import store_dataset
@@ -155,6 +156,12 @@ def files(request):
     team = current_team(request.user)
     if team is None:
         return error_response(400, "you belong to no team yet; ask an admin to add you to one")
+    if upload.size > settings.DATASET_MAX_BYTES:
+        # Refused before it is read or stored, as on the upload page.
+        return error_response(
+            413, f"{upload.name} is {upload.size:,} bytes; the limit is {settings.DATASET_MAX_BYTES:,}",
+            param="file", code="file_too_large",
+        )
     dataset = store_dataset(team, request.user, upload.name, upload.read())
     if not dataset.is_valid:
         return error_response(
@@ -227,6 +234,9 @@ class CreateJob(Schema):
     metadata: dict[str, str] | None = None  # accepted for compatibility; TuneDeck does not store it
     adapter: dict = {}
     extra_hyperparameters: dict = {}
+
+    # The model name is looked up and the suffix stored before the JobSpec checks its own text.
+    _storable_text = field_validator("*")(refuse_unstorable_text)
 
 
 # Where a JobSpec field comes from in the request, so an error names what the caller sent.
@@ -354,9 +364,11 @@ def jobs(request):
     if team is None:
         return error_response(400, "you belong to no team yet; ask an admin to add you to one")
     try:
-        body = CreateJob.model_validate(json.loads(request.body or b"{}"))
-    except json.JSONDecodeError as error:
+        data = json.loads(request.body or b"{}")
+    except (ValueError, RecursionError) as error:  # not JSON, not UTF-8, or nested or numbered past the parser
         return error_response(400, f"the body is not JSON: {error}")
+    try:
+        body = CreateJob.model_validate(data)
     except ValidationError as error:
         return validation_error_response(error)
     try:

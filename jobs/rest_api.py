@@ -208,7 +208,7 @@ def list_datasets(request):
     return visible(request.auth, Dataset.objects.all())
 
 
-@api.get("/datasets/{dataset_id}", response=DatasetDetailOut, tags=["datasets"])
+@api.get("/datasets/{int:dataset_id}", response=DatasetDetailOut, tags=["datasets"])
 def dataset_detail(request, dataset_id: int):
     return get_visible_or_404(request.auth, Dataset.objects.all(), pk=dataset_id)
 
@@ -244,24 +244,24 @@ def list_jobs(request, status: Job.Status | None = None, method: MethodType | No
     return jobs
 
 
-@api.get("/jobs/{job_id}", response=JobOut, tags=["jobs"])
+@api.get("/jobs/{int:job_id}", response=JobOut, tags=["jobs"])
 def job_detail(request, job_id: int):
     return get_job(request, job_id)
 
 
-@api.get("/jobs/{job_id}/metrics", response=list[MetricOut], tags=["jobs"])
+@api.get("/jobs/{int:job_id}/metrics", response=list[MetricOut], tags=["jobs"])
 def job_metrics(request, job_id: int):
     """The job's metric series, one row per reported step, in step order."""
     return get_job(request, job_id).metrics.all()
 
 
-@api.get("/jobs/{job_id}/events", response=list[EventOut], tags=["jobs"])
+@api.get("/jobs/{int:job_id}/events", response=list[EventOut], tags=["jobs"])
 def job_events(request, job_id: int):
     """Status changes and log messages, oldest first."""
     return get_job(request, job_id).events.all()
 
 
-@api.post("/jobs/{job_id}/cancel", response={200: JobOut, 409: Refusal}, tags=["jobs"])
+@api.post("/jobs/{int:job_id}/cancel", response={200: JobOut, 409: Refusal}, tags=["jobs"])
 def cancel_job(request, job_id: int):
     """A queued job is cancelled at once; a running one is asked to stop (cancel_requested_at is set)."""
     try:
@@ -270,7 +270,7 @@ def cancel_job(request, job_id: int):
         return Status(409, {"detail": str(refusal)})
 
 
-@api.post("/jobs/{job_id}/pause", response={200: JobOut, 409: Refusal}, tags=["jobs"])
+@api.post("/jobs/{int:job_id}/pause", response={200: JobOut, 409: Refusal}, tags=["jobs"])
 def pause_job(request, job_id: int):
     """A queued job pauses at once; a running one stops after its current step, at a checkpoint."""
     try:
@@ -279,7 +279,7 @@ def pause_job(request, job_id: int):
         return Status(409, {"detail": str(refusal)})
 
 
-@api.post("/jobs/{job_id}/resume", response={200: JobOut, 409: Refusal}, tags=["jobs"])
+@api.post("/jobs/{int:job_id}/resume", response={200: JobOut, 409: Refusal}, tags=["jobs"])
 def resume_job(request, job_id: int):
     """Queue a paused job again; the worker continues from its last checkpoint."""
     try:
@@ -288,7 +288,7 @@ def resume_job(request, job_id: int):
         return Status(409, {"detail": str(refusal)})
 
 
-@api.post("/jobs/{job_id}/retry", response={201: JobOut, 400: SubmissionRefusal, 409: Refusal, 429: Refusal}, tags=["jobs"])
+@api.post("/jobs/{int:job_id}/retry", response={201: JobOut, 400: SubmissionRefusal, 409: Refusal, 429: Refusal}, tags=["jobs"])
 def retry_job(request, job_id: int):
     """Queue a new job with the same spec, name and team as a failed or cancelled one; the old job stays as it is."""
     job = get_job(request, job_id)
@@ -299,12 +299,12 @@ def retry_job(request, job_id: int):
 
 # Artifacts ---------------------------------------------------------------------------------------
 
-@api.get("/jobs/{job_id}/artifacts", response=list[ArtifactOut], tags=["artifacts"])
+@api.get("/jobs/{int:job_id}/artifacts", response=list[ArtifactOut], tags=["artifacts"])
 def list_artifacts(request, job_id: int):
     return get_job(request, job_id).artifacts.select_related("job")
 
 
-@api.get("/artifacts/{artifact_id}/download", tags=["artifacts"])
+@api.get("/artifacts/{int:artifact_id}/download", tags=["artifacts"])
 def download_artifact(request, artifact_id: int):
     """The artifact's zip file."""
     artifact = get_visible_or_404(request.auth, Artifact.objects.select_related("job"), pk=artifact_id)
@@ -381,7 +381,7 @@ def create_sweep(request, sweep: SweepIn):
                                     sweep.metric, name=sweep.name))
 
 
-@api.get("/sweeps/{sweep_id}", response=SweepOut, tags=["sweeps"])
+@api.get("/sweeps/{int:sweep_id}", response=SweepOut, tags=["sweeps"])
 def sweep_detail(request, sweep_id: int):
     """The sweep with the progress and metrics of its jobs."""
     return get_object_or_404(Sweep.objects.filter(team__in=teams_of(request.auth)), pk=sweep_id)

@@ -9,6 +9,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
+from .datasets import unstorable_text
+
 Task = Literal["causal_lm_sft", "sequence_classification"]
 
 TASK_LABELS = {
@@ -16,8 +18,19 @@ TASK_LABELS = {
     "sequence_classification": "Sequence classification",
 }
 
+
+def refuse_unstorable_text(value):
+    """A field validator: text that cannot be stored (a NUL, a lone surrogate) is refused, in a list too."""
+    for text in value if isinstance(value, list) else [value]:
+        if isinstance(text, str) and (problem := unstorable_text(text)):
+            raise ValueError(f"the text {problem}")
+    return value
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    _storable_text = field_validator("*")(refuse_unstorable_text)
 
 
 TargetModules = Literal["attention_qv", "attention_qkvo", "all_linear"] | list[str]
@@ -211,3 +224,5 @@ class TrainingRun(_Strict):
     reference_column_map: dict[str, str] = {}
     # A checkpoint directory this engine wrote for the same spec: training continues from its step.
     resume_from: str | None = None
+    # Whether the model's own Python code (its config's auto_map) may run: an admin's choice per base model.
+    trust_remote_code: bool = False

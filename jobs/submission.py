@@ -1,5 +1,6 @@
 """Turning a validated JobSpec into a queued job, for the form and the API alike."""
 
+from django.conf import settings
 from django.db import transaction
 
 from .datasets import FORMATS, KIND_OF_TASK
@@ -34,7 +35,12 @@ def check_queue_quota(team):
 
 
 def check_against_catalogue(team, spec: JobSpec):
-    """What pydantic cannot know: that the model and dataset exist, belong and fit together."""
+    """What pydantic cannot know: the site's limits, and that the model and dataset exist, belong and fit together."""
+    if spec.hyperparameters.max_seq_length > settings.MAX_SEQ_LENGTH:
+        raise SubmissionError(
+            "hyperparameters.max_seq_length",
+            f"max_seq_length is {spec.hyperparameters.max_seq_length}; the limit here is {settings.MAX_SEQ_LENGTH}",
+        )
     base_model = BaseModel.objects.filter(name=spec.base_model).first()
     if base_model is None:
         names = ", ".join(BaseModel.objects.values_list("name", flat=True)) or "none yet"

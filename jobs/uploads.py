@@ -17,15 +17,22 @@ def upload_limits():
     )
 
 
+def shown_filename(filename):
+    """The upload's name as pages show it. It names nothing on disk (storage paths are generated), but it is
+    stored, so without the control characters (NUL, lone surrogates) that PostgreSQL refuses."""
+    return "".join(character for character in filename if character.isprintable()) or "upload"
+
+
 def store_dataset(team, user, filename, data, name="", fmt=None, column_map=None):
     """Validate and keep the file, valid or not: the detail page shows what is wrong with it."""
     column_map = column_map or {}
     report = datasets.validate(data, filename, fmt=fmt, column_map=column_map, limits=upload_limits())
+    shown = shown_filename(filename)
     dataset = Dataset(
         team=team,
         uploaded_by=user,
-        name=name or filename,
-        original_filename=filename[:255],
+        name=name or shown[: Dataset._meta.get_field("name").max_length],
+        original_filename=shown[: Dataset._meta.get_field("original_filename").max_length],
         size=len(data),
         sha256=hashlib.sha256(data).hexdigest(),
         format=report.format or "",

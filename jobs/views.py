@@ -4,6 +4,7 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import FileResponse, Http404, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.utils.http import content_disposition_header
 from django.views.decorators.http import require_POST
 
 from pydantic import ValidationError
@@ -189,7 +190,8 @@ METRIC_COLUMNS = (
 def job_metrics_csv(request, pk):
     job = get_visible_or_404(request.user, Job.objects.all(), pk=pk)
     response = HttpResponse(content_type="text/csv")
-    response["Content-Disposition"] = f'attachment; filename="{job.display_name}-metrics.csv"'
+    # The job's name is the user's: quoted as a header must (a quote or a newline in it would break the header).
+    response["Content-Disposition"] = content_disposition_header(True, f"{job.display_name}-metrics.csv")
     writer = csv.writer(response)
     writer.writerow(METRIC_COLUMNS)
     writer.writerows(job.metrics.order_by("step", "id").values_list(*METRIC_COLUMNS))

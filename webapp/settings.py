@@ -10,6 +10,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("TUNEDECK_DATA_DIR", BASE_DIR / "var")).resolve()
@@ -20,9 +21,27 @@ def env_bool(name, default=False):
     return os.environ.get(name, str(default)).lower() in ("1", "true", "yes", "on")
 
 
-DEBUG = env_bool("DEBUG", True)
+# A SECRET_KEY in the environment means a deployment: DEBUG is then off unless asked for.
+DEBUG = env_bool("DEBUG", "SECRET_KEY" not in os.environ)
 SECRET_KEY = os.environ.get("SECRET_KEY", "insecure-local-development-key" if DEBUG else "")
-ALLOWED_HOSTS = os.environ.get("ALLOWED_HOSTS", "127.0.0.1,localhost" if DEBUG else "").split(",")
+if not SECRET_KEY:
+    raise ImproperlyConfigured("SECRET_KEY must be set in the environment when DEBUG is off")
+ALLOWED_HOSTS = [
+    host for host in os.environ.get("ALLOWED_HOSTS", "127.0.0.1,localhost" if DEBUG else "").split(",") if host
+]
+# Production serves HTTPS through a proxy that terminates it: then cookies are for HTTPS only, browsers
+# are told to come back over HTTPS only (HSTS), and a plain-HTTP request is redirected.
+BEHIND_HTTPS_PROXY = env_bool("TUNEDECK_BEHIND_HTTPS_PROXY")
+if BEHIND_HTTPS_PROXY:
+    # The proxy must set this header on every request, replacing whatever the client sent.
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_SSL_REDIRECT = True
+    SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = True
+    SECURE_HSTS_SECONDS = int(os.environ.get("TUNEDECK_HSTS_SECONDS", 365 * 24 * 3600))
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("TUNEDECK_HSTS_INCLUDE_SUBDOMAINS", True)
+# HSTS preloading means submitting the domain to the browsers' own lists: the operator's decision, not a setting.
+SILENCED_SYSTEM_CHECKS = ["security.W021"]
+
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -101,6 +120,8 @@ MEDIA_URL = "media/"  # never served directly: downloads go through team-checked
 DATASET_MAX_BYTES = int(os.environ.get("DATASET_MAX_BYTES", 50 * 1024 * 1024))
 DATASET_MAX_ROWS = int(os.environ.get("DATASET_MAX_ROWS", 1_000_000))
 DATASET_MAX_LINE_CHARS = int(os.environ.get("DATASET_MAX_LINE_CHARS", 200_000))
+# The longest max_seq_length a job may ask for here (memory grows with it); a JobSpec never allows more than 32768.
+MAX_SEQ_LENGTH = int(os.environ.get("TUNEDECK_MAX_SEQ_LENGTH", 32768))
 DATA_UPLOAD_MAX_MEMORY_SIZE = 5 * 1024 * 1024
 
 # Where a worker keeps each job's working directory (spec, checkpoints, outputs).

@@ -61,6 +61,7 @@ def prepare_workdir(job):
         dataset_path=copy_dataset(job.dataset, workdir, "dataset"),
         dataset_format=job.dataset.format,
         column_map=job.dataset.column_map,
+        trust_remote_code=job.base_model.trust_remote_code,
     )
     if job.validation_dataset:
         run.eval_dataset_path = copy_dataset(job.validation_dataset, workdir, "validation")

@@ -32,6 +32,7 @@ from workers.training.loop import train
 from workers.training.methods import METHODS, lora, qlora
 from workers.training.modeling import count_parameters, load_model, load_tokenizer
 from workers.training.progress import Progress
+from tests.engine.safe_files import assert_no_pickles
 
 STEPS = 30
 LLAMA_ALL_LINEAR = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
@@ -154,6 +155,13 @@ def test_the_artifact_reloads_to_the_trained_model(job):
     assert not torch.allclose(untrained, trained[:, -untrained.shape[1] :], atol=1e-3), "training changed nothing"
     # Where the method merges in place, train() returned the merged model: the same function up to float rounding.
     torch.testing.assert_close(reloaded, trained, atol=1e-5, rtol=0)
+
+
+def test_the_artifacts_hold_safetensors_and_json_only(job):
+    artifacts = job.of("artifact")
+    assert artifacts
+    for artifact in artifacts:  # the adapter, and the merged model where the method merges
+        assert_no_pickles(job.outdir / artifact["path"])
 
 
 def test_the_finished_event_carries_the_measurements(job):

@@ -7,7 +7,8 @@ batches of 8), so the checkpoints at steps 4 and 8 both lie inside an epoch,
 and the rest of the run crosses into the next one.
 
 Checkpoints are offered for download, so they hold safetensors and JSON only:
-every checkpoint any test here writes is checked to hold no pickle.
+every checkpoint any test here writes is checked to hold no pickle, and so is
+the finished artifact of each method run here.
 """
 
 import json
@@ -17,7 +18,6 @@ import sys
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from jobs.demo_data import write_instruction_set
@@ -32,6 +32,7 @@ from workers.training.checkpoint import (
 from workers.training.loop import train
 from workers.training.progress import Progress
 from tests.engine.conftest import REPO_ROOT
+from tests.engine.safe_files import assert_no_pickles
 
 TOTAL_STEPS = 12
 CHECKPOINT_EVERY = 4
@@ -46,31 +47,6 @@ METHOD_RUNS = {
     # (Resuming at step 8, after the eval at step 6 and two saves, is where a drifting base shows.)
     "qlora": (QLoraConfig(r=8, alpha=16, dropout=0.1, target_modules="all_linear"), 5e-3),
 }
-# What torch.save writes starts with one of these: a zip archive (its default), or a bare pickle of protocol 2-5.
-PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
-PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
-
-
-def assert_no_pickles(outdir):
-    """Every file of every checkpoint under `outdir` is JSON, safetensors, or else at least no pickle.
-
-    A safetensors file starts with its header's length, which may begin like a pickle
-    (0x80...), so it is opened as safetensors instead.
-    """
-    files = [path for path in (outdir / "checkpoints").rglob("*") if path.is_file()]
-    assert files, f"no checkpoint under {outdir}"
-    for path in files:
-        assert not path.name.endswith(PICKLE_SUFFIXES), path
-        if path.suffix == ".json":
-            json.loads(path.read_text())
-        elif path.suffix == ".safetensors":
-            with safe_open(path, framework="pt"):
-                pass  # raises unless it is safetensors
-        else:
-            with open(path, "rb") as stream:
-                assert not stream.read(4).startswith(PICKLE_MAGIC), path
-
-
 @pytest.fixture(scope="module")
 def small_instruction_set(tmp_path_factory):
     """40 rows: 36 to train on with eval_fraction=0.1, five batches of 8 (the last one of 4) to an epoch."""
@@ -162,8 +138,17 @@ def test_a_resumed_run_takes_the_same_steps_as_the_uninterrupted_one(
     assert resumed_weights.keys() == whole_weights.keys()
     for name, tensor in whole_weights.items():
         torch.testing.assert_close(resumed_weights[name], tensor, atol=TOLERANCE, rtol=0, msg=name)
-    assert_no_pickles(whole_outdir)
-    assert_no_pickles(tmp_path)
+    assert_no_pickles(whole_outdir / "checkpoints")
+    assert_no_pickles(tmp_path / "checkpoints")
+
+
+@pytest.mark.parametrize("method_name", list(METHOD_RUNS))
+def test_the_finished_artifact_holds_no_pickle_either(method_name, uninterrupted):
+    outdir, events = uninterrupted(method_name)
+    artifacts = of(events, "artifact")
+    assert artifacts
+    for artifact in artifacts:
+        assert_no_pickles(outdir / artifact["path"])
 
 
 def test_a_checkpoint_holds_the_artifact_the_weights_and_the_training_state(uninterrupted):
@@ -181,7 +166,7 @@ def test_a_checkpoint_holds_the_artifact_the_weights_and_the_training_state(unin
     assert (PARAMETERS_FILE, TRAINER_STATE_FILE, TRAINING_STATE_FILE, TRAINING_TENSORS_FILE) == (
         "trainable_parameters.safetensors", "trainer_state.json", "training_state.json", "training_state.safetensors",
     )
-    assert_no_pickles(outdir)
+    assert_no_pickles(outdir / "checkpoints")
     assert json.loads((directory / TRAINER_STATE_FILE).read_text()) == {"step": 8, "epoch": 8 / STEPS_PER_EPOCH}
     # Only the LoRA matrices train, and the artifact holds the same ones.
     weights = load_file(directory / PARAMETERS_FILE)
@@ -281,7 +266,7 @@ def test_sigusr1_pauses_after_the_step_with_a_checkpoint_and_resuming_finishes_t
     outdir = tmp_path / "out"
     assert (outdir / pause["path"] / TRAINING_STATE_FILE).is_file()
     assert (outdir / pause["path"] / TRAINING_TENSORS_FILE).is_file()
-    assert_no_pickles(outdir)
+    assert_no_pickles(outdir / "checkpoints")
     assert not (outdir / "adapter").exists()
 
     # As a worker would: the same OUTDIR, the spec now pointing at the pause's checkpoint.

@@ -1,6 +1,9 @@
 """Dataset validation on good and bad files: each message a user would read is checked."""
 
+import io
 import json
+import zipfile
+
 import pytest
 
 from jobs import datasets
@@ -152,3 +155,56 @@ def test_load_examples_refuses_a_file_with_problems(tmp_path):
     path.write_bytes(jsonl({"prompt": "a", "completion": "b"}, {"prompt": "c"}))
     with pytest.raises(datasets.DatasetError, match='line 2: missing field "completion"'):
         datasets.load_examples(path, "prompt_completion")
+
+
+# Inputs that once raised instead of being reported (found by tests/web/test_bad_uploads.py).
+
+def test_a_number_too_long_for_python_is_a_problem_on_its_line():
+    report = datasets.validate(jsonl({"text": "a"}, '{"text": "b", "label": ' + "9" * 5000 + "}"), "data.jsonl")
+    assert messages(report) == ["line 2: not valid JSON: Exceeds the limit (4300 digits) for integer string conversion: "
+                                "value has 5000 digits; use sys.set_int_max_str_digits() to increase the limit"]
+
+
+def test_text_no_database_or_tokenizer_takes_is_a_problem_naming_the_field():
+    report = datasets.validate(jsonl(
+        {"prompt": "a", "completion": "b"},
+        '{"prompt": "nul \\u0000", "completion": "b"}',
+        '{"prompt": "a", "completion": "lone \\ud800"}',
+        '{"prompt": "a", "completion": "b", "meta": {"\\u0000": 1}}',
+    ), "data.jsonl")
+    assert messages(report) == [
+        'line 2: field "prompt" contains a NUL character',
+        'line 3: field "completion" is not valid Unicode (it holds a lone surrogate, such as the escape \\ud800)',
+        'line 4: field "meta" holds a key that contains a NUL character',
+    ]
+
+
+def test_rows_nested_past_sense_are_refused_and_past_the_parser_too():
+    deep = "[" * 40 + "]" * 40
+    report = datasets.validate(jsonl({"text": "a", "extra": json.loads(deep)}), "data.jsonl")
+    assert messages(report) == ['line 1: field "extra" is nested more than 32 levels deep']
+    assert messages(datasets.validate(b"[" * 100_000 + b"]" * 100_000, "data.json")) == ["not valid JSON: nested too deeply"]
+
+
+def test_a_csv_field_longer_than_the_csv_modules_own_cap_is_read_up_to_the_line_limit():
+    text = "x" * 150_000  # the csv module refuses fields over 131072 characters by default
+    report = datasets.validate(f"text,label\n{text},a\nshort,b\n".encode(), "data.csv", limits=datasets.Limits())
+    assert report.is_valid and report.rows == 2
+    report = datasets.validate(f"text,label\n{text},a\nshort,b\n".encode(), "data.csv",
+                               limits=datasets.Limits(max_line_chars=100_000))
+    assert messages(report) == ["line 2: line is 150002 characters long; the limit is 100000"]
+
+
+def test_json_lines_split_on_newlines_only():
+    # U+2028 and U+0085 may stand unescaped in a JSON string; splitlines() would cut the row in two.
+    report = datasets.validate(jsonl({"text": "a"}).replace(b'"a"', '"a\u2028b\x85c"'.encode()) + b"\n" + jsonl("oops"),
+                               "data.jsonl")
+    assert report.rows == 1 and messages(report) == ["line 2: not valid JSON: Expecting value"]
+
+
+def test_an_archive_is_refused_with_what_to_upload_instead():
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("train.jsonl", jsonl({"text": "a"}))
+    assert messages(datasets.validate(buffer.getvalue(), "train.zip")) == [
+        "the file is a zip archive; archives are not accepted: upload the .jsonl, .json, .csv or .tsv file itself"]

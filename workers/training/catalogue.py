@@ -7,20 +7,22 @@ from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModel
 from transformers.pytorch_utils import Conv1D
 
-from workers.training.modeling import architecture_family
+from workers.training.modeling import architecture_family, custom_code_refused_in_plain_words
 
 _LAYER_INDEX = re.compile(r"\.\d+\.")
 
 
-def describe_model(path):
+def describe_model(path, trust_remote_code=False):
     """Family, sizes and the linear layers (layer numbers as '*', with their shapes) of the model at `path`.
 
     Read from the config on the meta device: no weights are loaded. The sizes feed
-    the memory estimate (workers.training.memory_estimate).
+    the memory estimate (workers.training.memory_estimate). A model with its own code
+    is read only when trusted, like the workers load it.
     """
-    config = AutoConfig.from_pretrained(path)
-    with init_empty_weights():
-        model = AutoModel.from_config(config)
+    with custom_code_refused_in_plain_words(path):
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with init_empty_weights():
+            model = AutoModel.from_config(config, trust_remote_code=trust_remote_code)
     linear_shapes = {}
     for name, module in model.named_modules():
         if isinstance(module, (torch.nn.Linear, Conv1D)):

@@ -1,5 +1,7 @@
 """Loading the base model and telling which architecture family it belongs to."""
 
+from contextlib import contextmanager
+
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.pytorch_utils import Conv1D
@@ -12,8 +14,23 @@ FAMILY_MARKERS = {
 }
 
 
-def load_tokenizer(model_path):
-    return AutoTokenizer.from_pretrained(model_path)
+@contextmanager
+def custom_code_refused_in_plain_words(model_path):
+    """transformers refuses a model's own code unless trusted, in words for the developer calling it: say it for the user."""
+    try:
+        yield
+    except ValueError as error:
+        if "trust_remote_code" not in str(error):
+            raise
+        raise ValueError(
+            f"the model at {model_path} ships its own Python code (auto_map in its config); workers run such code "
+            "only for a base model whose trust_remote_code an admin has enabled in the catalogue"
+        ) from error
+
+
+def load_tokenizer(model_path, trust_remote_code=False):
+    with custom_code_refused_in_plain_words(model_path):
+        return AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
 
 
 def load_model(run, label_names=None, pad_token_id=None, **from_pretrained_kwargs):
@@ -21,22 +38,24 @@ def load_model(run, label_names=None, pad_token_id=None, **from_pretrained_kwarg
 
     In float32 unless `from_pretrained_kwargs` say otherwise (mixed precision is
     applied around the model); a method's `base_model_kwargs` come in there, e.g.
-    QLoRA's quantization.
+    QLoRA's quantization. The model's own code runs only if the run trusts it
+    (False, not transformers' default None, which would ask on the terminal).
     """
-    from_pretrained_kwargs = {"dtype": torch.float32, **from_pretrained_kwargs}
-    if run.spec.task == "sequence_classification":
-        model = AutoModelForSequenceClassification.from_pretrained(
-            run.model_path,
-            num_labels=len(label_names),
-            id2label=dict(enumerate(label_names)),
-            label2id={name: index for index, name in enumerate(label_names)},
-            **from_pretrained_kwargs,
-        )
-        # A classifier over a decoder reads the last non-pad token, so it has to know the pad id.
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = pad_token_id
-        return model
-    return AutoModelForCausalLM.from_pretrained(run.model_path, **from_pretrained_kwargs)
+    from_pretrained_kwargs = {"dtype": torch.float32, "trust_remote_code": run.trust_remote_code, **from_pretrained_kwargs}
+    with custom_code_refused_in_plain_words(run.model_path):
+        if run.spec.task == "sequence_classification":
+            model = AutoModelForSequenceClassification.from_pretrained(
+                run.model_path,
+                num_labels=len(label_names),
+                id2label=dict(enumerate(label_names)),
+                label2id={name: index for index, name in enumerate(label_names)},
+                **from_pretrained_kwargs,
+            )
+            # A classifier over a decoder reads the last non-pad token, so it has to know the pad id.
+            if model.config.pad_token_id is None:
+                model.config.pad_token_id = pad_token_id
+            return model
+        return AutoModelForCausalLM.from_pretrained(run.model_path, **from_pretrained_kwargs)
 
 
 def architecture_family(model):
