@@ -177,6 +177,9 @@ class Hyperparameters(_Strict):
     eval_fraction: float = Field(0.1, ge=0, le=0.5, description="share of rows held out for evaluation")
     eval_every: int | None = Field(None, ge=1, description="steps between evaluations; default: at the end")
     checkpoint_every: int = Field(50, ge=1, le=1_000_000)
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass: much less memory, about a third slower"
+    )
 
 
 class JobSpec(_Strict):

@@ -28,6 +28,7 @@ from jobs import lifecycle
 from jobs.model_card import model_card
 from jobs.models import Artifact, Checkpoint, Job, Metric
 from jobs.spec import JobSpec, TrainingRun
+from workers.training.__main__ import MEMORY_LIMIT_VARIABLE
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,8 @@ def prepare_workdir(job):
 
 def start_trainer(spec_path, outdir, stderr_file):
     env = os.environ | {"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    if settings.TRAINER_MEMORY_LIMIT_MB:
+        env[MEMORY_LIMIT_VARIABLE] = str(settings.TRAINER_MEMORY_LIMIT_MB)
     return subprocess.Popen(
         [sys.executable, "-m", "workers.training", str(spec_path), str(outdir)],
         stdout=subprocess.PIPE,
@@ -209,6 +212,7 @@ def stderr_tail(path):
 
 
 def run_claimed_job(job):
+    claimed_by = job.worker_id
     workdir, spec_path = prepare_workdir(job)
     outdir = workdir / "out"
     reporter = ProgressReporter(job, workdir)
@@ -245,6 +249,10 @@ def run_claimed_job(job):
         returncode = process.wait()
     reporter.flush()
     job.refresh_from_db()
+    if job.status != Job.Status.RUNNING or job.worker_id != claimed_by:
+        # The reconciler took the job from us (our heartbeat stopped for too long); its new run decides.
+        log.warning("job %s was handed elsewhere while this worker ran it; leaving it be", job.pk)
+        return job
     store_log(job, workdir / "trainer.log")
 
     if cancelled or (job.cancel_requested_at and returncode != 0):
@@ -254,11 +262,17 @@ def run_claimed_job(job):
             job, Job.Status.PAUSED, f"paused at step {reporter.paused['step']}; resuming continues from there"
         )
     elif returncode == 0 and reporter.finished and Artifact.Kind.ADAPTER in reporter.artifact_dirs:
+        stored = []
         try:
             for kind, directory in reporter.artifact_dirs.items():
-                store_artifact(job, kind, outdir / directory, workdir)
+                stored.append(store_artifact(job, kind, outdir / directory, workdir))
         except OSError as exc:
-            lifecycle.transition(job, Job.Status.FAILED, f"could not store the adapter: {exc}", error_message=str(exc))
+            # A failed job offers no download, not even the artifacts that were stored before the error.
+            for artifact in stored:
+                artifact.file.delete(save=False)
+                artifact.delete()
+            reason = f"could not store the artifacts: {exc}"
+            lifecycle.transition(job, Job.Status.FAILED, f"failed: {reason}", error_message=reason)
             return job
         lifecycle.transition(job, Job.Status.SUCCEEDED, f"finished {job.step} steps, train loss {job.train_loss:.4f}")
     else:
@@ -292,18 +306,32 @@ def store_artifact(job, kind, directory, workdir):
     """Zip an output directory with its model card, checksum it, and save it through the storage API."""
     job.refresh_from_db()  # the card shows the final measurements
     zip_path = zip_directory(directory, workdir / f"{kind}.zip", readme=lambda own: model_card(job, kind, own))
-    digest = hashlib.sha256()
     with open(zip_path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    artifact = Artifact(job=job, kind=kind, size=zip_path.stat().st_size, sha256=digest.hexdigest())
-    with open(zip_path, "rb") as file:
-        artifact.file.save(f"{kind}.zip", File(file), save=False)
-    artifact.save()
+        artifact = Artifact(job=job, kind=kind, size=zip_path.stat().st_size, sha256=sha256_of(file))
+    try:
+        with open(zip_path, "rb") as file:
+            artifact.file.save(f"{kind}.zip", File(file), save=False)
+        # Read back what storage holds: a short write or a corrupt upload must not be offered.
+        with artifact.file.open("rb") as stored:
+            stored_digest = sha256_of(stored)
+        if stored_digest != artifact.sha256:
+            raise OSError(f"the stored {kind} does not match what was written (sha256 differs)")
+    except OSError:
+        if artifact.file.name:
+            artifact.file.delete(save=False)
+        raise
+    artifact.save()  # only now can anyone see it
     lifecycle.log_event(
         job, f"{artifact.get_kind_display()} stored ({artifact.size:,} bytes, sha256 {artifact.sha256[:12]}…)"
     )
     return artifact
+
+
+def sha256_of(readable):
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: readable.read(1 << 20), b""):
+        digest.update(chunk)
+    return digest.hexdigest()
 
 
 def store_log(job, log_path):
