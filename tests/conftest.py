@@ -153,7 +153,8 @@ class WorkerProcess:
 
 @pytest.fixture
 def start_worker(transactional_db, redis_url, data_dirs, tmp_path, settings):
-    """start_worker(name) -> a real `celery worker` process on the test database and the test Redis.
+    """start_worker(name, queue="training", pool="prefork") -> a real `celery worker` process on the
+    test database and the test Redis.
 
     Every worker started is stopped at the end of the test.
     """
@@ -170,13 +171,13 @@ def start_worker(transactional_db, redis_url, data_dirs, tmp_path, settings):
     }
     started = []
 
-    def start(name):
+    def start(name, queue="training", pool="prefork"):
         hostname = f"{name}-{os.getpid()}@localhost"
         log_path = tmp_path / f"{name}.log"
         with open(log_path, "wb") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "webapp", "worker", "-l", "info", "-Q", "training",
-                 "-n", hostname, "--concurrency", "1", "--without-gossip", "--without-mingle"],
+                [sys.executable, "-m", "celery", "-A", "webapp", "worker", "-l", "info", "-Q", queue,
+                 "-n", hostname, "--concurrency", "1", "--pool", pool, "--without-gossip", "--without-mingle"],
                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
             )
         worker = WorkerProcess(process, log_path, hostname)
@@ -213,3 +214,68 @@ def celery_worker(start_worker):
     worker = start_worker("test-worker")
     wait_until_registered(worker)
     return worker
+
+
+@pytest.fixture
+def celery_results(redis_url, settings):
+    """Celery's broker and result backend in this process (the web app's side) on the test Redis."""
+    from webapp.celery import app
+
+    settings.CELERY_BROKER_URL = settings.CELERY_RESULT_BACKEND = redis_url
+    app.conf.broker_url = app.conf.result_backend = redis_url
+    # The app keeps the backend it made first in a thread, from the URL it had then (an earlier test's
+    # send made one for the default URL): this thread's is made anew; the live server's thread makes its own.
+    app._backend = app._get_backend()
+    return app
+
+
+@pytest.fixture
+def inference_worker(start_worker, celery_results):
+    """A real `celery worker` on the inference queue, with the solo pool that keeps its models in one process.
+
+    Inference workers are not listed as Worker rows (they take no training jobs), so readiness is read from its log.
+    """
+    worker = start_worker("inference", queue="inference", pool="solo")
+    wait_for(lambda: worker.process.poll() is not None or " ready." in worker.log(), WORKER_START_TIMEOUT,
+             "the inference worker to start")
+    assert worker.process.poll() is None, f"the inference worker exited:\n{worker.log()}"
+    return worker
+
+
+@pytest.fixture
+def finished_job(team_user, catalogue, data_dirs, tmp_path, celery_results):
+    """finished_job(name, base="llama" or "minilm", seed=..., **method) -> a succeeded job, LoRA unless `method` says.
+
+    Trained for real on the demo data of its base model's task: the worker's own runner starts the
+    engine in a child process, reads its progress and stores the adapter zip, here in the test
+    process instead of a training worker's. (Submitting queues its message on the test Redis,
+    where a training worker would find the job already done.)
+    """
+    from jobs import demo_data, lifecycle
+    from jobs.spec import JobSpec
+    from jobs.submission import submit_job
+    from jobs.uploads import store_dataset
+    from workers.runner import run_claimed_job
+
+    team = team_user.memberships.get().team
+    demo_sets = {"llama": ("string-operations.jsonl", demo_data.write_instruction_set),
+                 "minilm": ("reviews.csv", demo_data.write_classification_set)}
+    datasets = {}
+
+    def make(name, base="llama", seed=7, **method):
+        if base not in datasets:
+            filename, write = demo_sets[base]
+            path = write(tmp_path / filename, rows=200)
+            datasets[base] = store_dataset(team, team_user, filename, path.read_bytes())
+        spec = JobSpec.model_validate({
+            "base_model": catalogue[base].name, "dataset": datasets[base].pk, "task": catalogue[base].task,
+            "method": {"type": "lora", "r": 8, "target_modules": "all_linear"} | method,
+            "hyperparameters": {"max_steps": 40, "batch_size": 8, "learning_rate": 0.01 if base == "llama" else 0.002,
+                                "max_seq_length": 64, "eval_fraction": 0, "checkpoint_every": 1000, "seed": seed},
+        })
+        job = submit_job(team, team_user, spec, name=name)
+        job = run_claimed_job(lifecycle.transition(job, "running", "started by the test"))
+        assert job.status == "succeeded", job.error_message
+        return job
+
+    return make

@@ -138,6 +138,12 @@ CHECKPOINT_FILES_KEPT = int(os.environ.get("TUNEDECK_CHECKPOINT_FILES_KEPT", 3))
 # The most jobs one sweep may queue: a grid is easy to make larger than the workers can get through.
 TUNEDECK_SWEEP_MAX_JOBS = int(os.environ.get("TUNEDECK_SWEEP_MAX_JOBS", 64))
 MODELS_DIR = Path(os.environ.get("TUNEDECK_MODELS_DIR", DATA_DIR / "models"))
+# Playground: a request no inference worker has taken after this long is reported as such (and expires);
+# one taken but still unanswered after INFERENCE_ANSWER_SECONDS is given up on.
+INFERENCE_WAIT_SECONDS = int(os.environ.get("INFERENCE_WAIT_SECONDS", 60))
+INFERENCE_ANSWER_SECONDS = int(os.environ.get("INFERENCE_ANSWER_SECONDS", 600))
+# Where an inference worker unpacks the artifacts it answers with, in a directory of its own.
+INFERENCE_CACHE_DIR = Path(os.environ.get("INFERENCE_CACHE_DIR", WORKER_RUNS_DIR / "inference-cache"))
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 CELERY_BROKER_URL = REDIS_URL
@@ -157,7 +163,15 @@ CELERY_TASK_DEFAULT_PRIORITY = 5
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # Housekeeping has its own queue, served by the beat process, so it never waits behind training.
-CELERY_TASK_ROUTES = {"workers.tasks.mark_silent_workers_offline": {"queue": "maintenance"}}
+CELERY_TASK_ROUTES = {
+    "workers.tasks.mark_silent_workers_offline": {"queue": "maintenance"},
+    # The playground's requests go to inference workers, which keep a model loaded between requests.
+    "workers.tasks.answer_in_playground": {"queue": "inference"},
+}
+# Only the playground's task keeps a result (its answers, read by the page); every other task's outcome is in the database.
+CELERY_RESULT_BACKEND = REDIS_URL
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_RESULT_EXPIRES = timedelta(days=1)
 CELERY_BEAT_SCHEDULE = {
     "mark-silent-workers-offline": {
         "task": "workers.tasks.mark_silent_workers_offline",

@@ -1,7 +1,10 @@
 """Celery tasks. Messages carry only a job id; the database says what to do with it."""
 
+import functools
 import logging
+import threading
 from datetime import timedelta
+from pathlib import Path
 
 from celery import shared_task
 from celery.signals import worker_ready, worker_shutdown
@@ -9,7 +12,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from jobs import lifecycle, placement, submission
-from jobs.models import Job, Worker
+from jobs.models import Artifact, Job, Worker
 from jobs.spec import JobSpec
 
 from . import heartbeat
@@ -17,6 +20,7 @@ from .runner import run_claimed_job
 
 log = logging.getLogger(__name__)
 MAINTENANCE_QUEUE = "maintenance"
+INFERENCE_QUEUE = "inference"
 
 
 @shared_task(bind=True, name="workers.tasks.run_job", acks_late=True, max_retries=None)
@@ -80,13 +84,14 @@ def mark_silent_workers_offline():
 
 
 def _trains(queues):
-    return any(queue != MAINTENANCE_QUEUE for queue in queues)
+    return any(queue not in (MAINTENANCE_QUEUE, INFERENCE_QUEUE) for queue in queues)
 
 
 @worker_ready.connect
 def _register_worker(sender, **kwargs):
     queues = [queue.name for queue in sender.task_consumer.queues]
-    # Only training workers are listed on the Workers page; the housekeeping one is not a GPU worker.
+    # Only training workers are listed on the Workers page (and placed jobs on): the housekeeping
+    # worker is not a GPU worker, and an inference worker's queue takes no training jobs.
     if _trains(queues):
         heartbeat.start(sender.hostname, queues)
 
@@ -94,3 +99,65 @@ def _register_worker(sender, **kwargs):
 @worker_shutdown.connect
 def _unregister_worker(sender, **kwargs):
     heartbeat.stop(sender.hostname)
+
+
+# --- the playground ---
+
+# Under --pool threads, two requests would swap adapters under each other; under --pool solo it is never contended.
+_one_request_at_a_time = threading.Lock()
+
+
+@functools.cache
+def resident_models():
+    """The models this worker process keeps loaded between playground requests."""
+    # Imported here: torch and transformers load on inference workers, never in the web app.
+    from .inference import ResidentModels
+
+    return ResidentModels()
+
+
+@shared_task(
+    bind=True, name="workers.tasks.answer_in_playground", ignore_result=False, track_started=True,
+    # A request nobody is waiting for any more is not worth redelivering after a lost worker.
+    acks_late=False,
+)
+def answer_in_playground(self, job_ids, inputs):
+    """The base model's answer, then each finished job's, to one playground request.
+
+    Runs on an inference worker (`-Q inference --pool solo`), which keeps the base model loaded
+    and swaps the jobs' adapters on it. `inputs` is a causal LM's prompt and sampling settings
+    ({"prompt", "sampling": {"temperature", "max_new_tokens", "seed"}}) or a classifier's text
+    ({"text"}). The result, read by the playground page, is {"answers": [...]}, or
+    {"error": why} for a request that cannot be answered as asked.
+    """
+    from . import inference
+
+    jobs = Job.objects.filter(pk__in=job_ids, status=Job.Status.SUCCEEDED).select_related("base_model")
+    jobs = sorted(jobs, key=lambda job: job_ids.index(job.pk))
+    if len(jobs) != len(job_ids) or len({job.base_model_id for job in jobs}) != 1:
+        return {"error": "the jobs are no longer all finished jobs of one base model; open the playground again"}
+    base_model = jobs[0].base_model
+    cache_dir = Path(settings.INFERENCE_CACHE_DIR) / (self.request.hostname or "worker")
+    try:
+        with _one_request_at_a_time:
+            answers = resident_models().answer(
+                base_model.path, base_model.task, [fine_tuned_of(job, cache_dir) for job in jobs],
+                base_name=base_model.name, prompt=inputs.get("prompt"), text=inputs.get("text"),
+                sampling=inference.Sampling(**inputs.get("sampling", {})),
+            )
+    except inference.UnusableRequest as problem:
+        return {"error": str(problem)}
+    for answer, job in zip(answers[1:], jobs):
+        answer |= {"job_id": job.pk, "method_label": job.method_label}
+    return {"answers": answers, "worker": self.request.hostname}
+
+
+def fine_tuned_of(job, cache_dir):
+    """The job's adapter artifact, unpacked into this worker's cache (once per artifact)."""
+    from .inference import FineTuned, UnusableRequest, extract_artifact
+
+    artifact = job.artifacts.filter(kind=Artifact.Kind.ADAPTER).order_by("-id").first()
+    if artifact is None:
+        raise UnusableRequest(f"{job.display_name} has no artifact to answer with")
+    directory = extract_artifact(lambda: artifact.file.open("rb"), cache_dir / f"artifact-{artifact.pk}")
+    return FineTuned(key=f"artifact-{artifact.pk}", name=job.display_name, method=job.method_name, directory=directory)
