@@ -153,8 +153,8 @@ class WorkerProcess:
 
 @pytest.fixture
 def start_worker(transactional_db, redis_url, data_dirs, tmp_path, settings):
-    """start_worker(name, queue="training", pool="prefork") -> a real `celery worker` process on the
-    test database and the test Redis.
+    """start_worker(name, queue="training", pool="prefork", env_overrides=None) -> a real `celery worker`
+    process on the test database and the test Redis (or the REDIS_URL in env_overrides).
 
     Every worker started is stopped at the end of the test.
     """
@@ -171,14 +171,14 @@ def start_worker(transactional_db, redis_url, data_dirs, tmp_path, settings):
     }
     started = []
 
-    def start(name, queue="training", pool="prefork"):
+    def start(name, queue="training", pool="prefork", env_overrides=None):
         hostname = f"{name}-{os.getpid()}@localhost"
         log_path = tmp_path / f"{name}.log"
         with open(log_path, "wb") as log:
             process = subprocess.Popen(
                 [sys.executable, "-m", "celery", "-A", "webapp", "worker", "-l", "info", "-Q", queue,
                  "-n", hostname, "--concurrency", "1", "--pool", pool, "--without-gossip", "--without-mingle"],
-                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                cwd=REPO, env=env | (env_overrides or {}), stdout=log, stderr=subprocess.STDOUT,
             )
         worker = WorkerProcess(process, log_path, hostname)
         started.append(worker)

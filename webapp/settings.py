@@ -42,7 +42,6 @@ if BEHIND_HTTPS_PROXY:
 # HSTS preloading means submitting the domain to the browsers' own lists: the operator's decision, not a setting.
 SILENCED_SYSTEM_CHECKS = ["security.W021"]
 
-
 INSTALLED_APPS = [
     "django.contrib.admin",
     "django.contrib.auth",
@@ -130,6 +129,13 @@ WORKER_HEARTBEAT_SECONDS = int(os.environ.get("WORKER_HEARTBEAT_SECONDS", 10))
 WORKER_OFFLINE_AFTER_SECONDS = int(os.environ.get("WORKER_OFFLINE_AFTER_SECONDS", 60))
 # How often the worker writes buffered metrics and progress of a running job.
 WORKER_REPORT_SECONDS = float(os.environ.get("WORKER_REPORT_SECONDS", 1.0))
+# The trainer child's address-space cap in MB (0: none), so running out of memory on a CPU worker is
+# a job error that says what to change, not the kernel's OOM killer.
+TRAINER_MEMORY_LIMIT_MB = int(os.environ.get("TRAINER_MEMORY_LIMIT_MB", 0))
+# A running job that has lost its worker this many times fails instead of being queued again.
+TUNEDECK_MAX_LOST_ATTEMPTS = int(os.environ.get("TUNEDECK_MAX_LOST_ATTEMPTS", 3))
+# A queued job whose message is missing from the broker for this long gets a new one (workers/reconciler.py).
+QUEUED_MESSAGE_GRACE_SECONDS = int(os.environ.get("QUEUED_MESSAGE_GRACE_SECONDS", 60))
 # A job of a team at its running-jobs quota goes back to the queue for this long.
 QUOTA_RETRY_SECONDS = int(os.environ.get("QUOTA_RETRY_SECONDS", 15))
 # Checkpoints kept in storage per job (older ones keep their row, not their file): the last to resume
@@ -155,6 +161,9 @@ CELERY_TASK_DEFAULT_QUEUE = "training"
 CELERY_BROKER_TRANSPORT_OPTIONS = {
     # Redis redelivers unacknowledged messages after this; the DB claim makes that harmless.
     "visibility_timeout": int(os.environ.get("CELERY_VISIBILITY_TIMEOUT", 6 * 3600)),
+    # How often idle workers look for messages past that timeout: every interval x throttle seconds.
+    "unacked_restore_interval": int(os.environ.get("CELERY_RESTORE_INTERVAL", 10)),
+    "unacked_restore_throttle": int(os.environ.get("CELERY_RESTORE_THROTTLE", 10)),
     # One Redis list per message priority 0-9, popped 0 first (jobs.submission.broker_priority maps ours).
     "priority_steps": list(range(10)),
 }
@@ -164,7 +173,7 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # Housekeeping has its own queue, served by the beat process, so it never waits behind training.
 CELERY_TASK_ROUTES = {
-    "workers.tasks.mark_silent_workers_offline": {"queue": "maintenance"},
+    "workers.tasks.reconcile": {"queue": "maintenance"},
     # The playground's requests go to inference workers, which keep a model loaded between requests.
     "workers.tasks.answer_in_playground": {"queue": "inference"},
 }
@@ -173,9 +182,9 @@ CELERY_RESULT_BACKEND = REDIS_URL
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_RESULT_EXPIRES = timedelta(days=1)
 CELERY_BEAT_SCHEDULE = {
-    "mark-silent-workers-offline": {
-        "task": "workers.tasks.mark_silent_workers_offline",
-        "schedule": timedelta(seconds=30),
+    "reconcile": {
+        "task": "workers.tasks.reconcile",
+        "schedule": timedelta(seconds=int(os.environ.get("RECONCILE_SECONDS", 30))),
     },
 }
 

@@ -3,7 +3,6 @@
 import functools
 import logging
 import threading
-from datetime import timedelta
 from pathlib import Path
 
 from celery import shared_task
@@ -15,7 +14,7 @@ from jobs import lifecycle, placement, submission
 from jobs.models import Artifact, Job, Worker
 from jobs.spec import JobSpec
 
-from . import heartbeat
+from . import heartbeat, reconciler
 from .runner import run_claimed_job
 
 log = logging.getLogger(__name__)
@@ -77,10 +76,9 @@ def too_small_for(job_id, worker):
     return True
 
 
-@shared_task(name="workers.tasks.mark_silent_workers_offline")
-def mark_silent_workers_offline():
-    silent_since = timezone.now() - timedelta(seconds=settings.WORKER_OFFLINE_AFTER_SECONDS)
-    return Worker.objects.filter(is_online=True, last_heartbeat__lt=silent_since).update(is_online=False)
+@shared_task(name="workers.tasks.reconcile")
+def reconcile():
+    return str(reconciler.reconcile())
 
 
 def _trains(queues):
