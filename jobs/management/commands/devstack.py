@@ -36,6 +36,9 @@ class Command(BaseCommand):
             "web": [python, "manage.py", "runserver", addrport, "--noreload"],
             "worker": [python, "-m", "celery", "-A", "webapp", "worker", "-l", "info", "-Q", "training",
                        "-n", "worker1@%h", "--concurrency", "1"],
+            # The playground's worker: one process (solo pool) that keeps the base model loaded between requests.
+            "inference": [python, "-m", "celery", "-A", "webapp", "worker", "-l", "info", "-Q", "inference",
+                          "-n", "inference@%h", "--pool", "solo"],
             # Beat embedded in a small worker that serves the maintenance queue.
             "beat": [python, "-m", "celery", "-A", "webapp", "worker", "--beat", "-l", "info", "-Q", "maintenance",
                      "-n", "maintenance@%h", "--concurrency", "1",
