@@ -174,6 +174,7 @@ class Job(models.Model):
     error_message = models.TextField(blank=True)
     # The trainer's own output (stderr), every run of the job one after another.
     log_file = models.FileField(upload_to=job_log_path, max_length=300, blank=True)
+    log_size = models.BigIntegerField(default=0, help_text="bytes of log_file, for the team's storage use")
 
     class Meta:
         ordering = ["-created_at"]

@@ -9,7 +9,7 @@ from django.views.decorators.http import require_POST
 
 from pydantic import ValidationError
 
-from . import lifecycle, placement, worker_control
+from . import lifecycle, placement, storage, worker_control
 from .charts import loss_chart
 from .datasets import KIND_OF_TASK
 from .forms import AddMemberForm, DatasetUploadForm, JobForm, TeamQuotaForm
@@ -168,6 +168,20 @@ def job_action(request, pk, action):
 
 
 @login_required
+@require_POST
+def job_delete(request, pk):
+    """Delete a finished job with its metrics, events, artifacts and checkpoints; their files leave storage too."""
+    job = get_visible_or_404(request.user, Job.objects.all(), pk=pk)
+    if job.status not in lifecycle.TERMINAL_STATUSES:
+        messages.error(request, f"{job.display_name} is {job.status}: cancel it first, then delete it")
+        return redirect("job_detail", job.pk)
+    name = job.display_name  # before the delete, which forgets the pk a default name is made of
+    job.delete()
+    messages.success(request, f"{name} deleted")
+    return redirect("job_list")
+
+
+@login_required
 def artifact_download(request, pk):
     artifact = get_visible_or_404(request.user, Artifact.objects.select_related("job"), pk=pk)
     return FileResponse(artifact.file.open("rb"), as_attachment=True, filename=artifact.download_name)
@@ -273,6 +287,7 @@ def team_detail(request):
     return render(request, "jobs/team_detail.html", {
         "team": team, "manages": manages, "quota_form": quota_form, "member_form": member_form,
         "memberships": team.memberships.select_related("user").order_by("user__username"),
+        "storage_use": storage.storage_use(team),
     })
 
 

@@ -114,6 +114,29 @@ STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = DATA_DIR / "static"
 MEDIA_ROOT = Path(os.environ.get("MEDIA_ROOT", DATA_DIR / "media"))
 MEDIA_URL = "media/"  # never served directly: downloads go through team-checked views
+# Datasets, artifacts, checkpoints and logs: on the local disk under MEDIA_ROOT, or in an S3-compatible bucket when
+# TUNEDECK_S3_BUCKET is set (web, workers and beat must then all see the same bucket; no shared disk is needed).
+# Credentials come from boto3's usual places: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or an instance role.
+S3_BUCKET = os.environ.get("TUNEDECK_S3_BUCKET", "")
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+}
+if S3_BUCKET:
+    STORAGES["default"] = {
+        "BACKEND": "storages.backends.s3.S3Storage",
+        "OPTIONS": {
+            "bucket_name": S3_BUCKET,
+            "endpoint_url": os.environ.get("TUNEDECK_S3_ENDPOINT_URL") or None,  # MinIO, Ceph, R2…; unset for AWS
+            "region_name": os.environ.get("TUNEDECK_S3_REGION") or None,
+            "location": os.environ.get("TUNEDECK_S3_PREFIX", ""),  # a folder of a bucket shared with others
+            # Private objects: every download goes through a view that checks the team.
+            "default_acl": None,
+            "querystring_auth": True,
+            # Paths are generated and unique; never overwrite an object that a row already names.
+            "file_overwrite": False,
+        },
+    }
 
 # Uploads larger than this are refused before they are read into memory.
 DATASET_MAX_BYTES = int(os.environ.get("DATASET_MAX_BYTES", 50 * 1024 * 1024))
@@ -141,6 +164,9 @@ QUOTA_RETRY_SECONDS = int(os.environ.get("QUOTA_RETRY_SECONDS", 15))
 # Checkpoints kept in storage per job (older ones keep their row, not their file): the last to resume
 # from, and a few before it in case the last was written by a trainer that was going wrong.
 CHECKPOINT_FILES_KEPT = int(os.environ.get("TUNEDECK_CHECKPOINT_FILES_KEPT", 3))
+# A finished job needs no checkpoint to resume from: their files go this many days after it finished (0: kept
+# forever). Rows, sizes and artifacts stay. Swept by workers.tasks.apply_retention (or `manage.py apply_retention`).
+CHECKPOINT_RETENTION_DAYS = int(os.environ.get("TUNEDECK_CHECKPOINT_RETENTION_DAYS", 30))
 # The most jobs one sweep may queue: a grid is easy to make larger than the workers can get through.
 TUNEDECK_SWEEP_MAX_JOBS = int(os.environ.get("TUNEDECK_SWEEP_MAX_JOBS", 64))
 MODELS_DIR = Path(os.environ.get("TUNEDECK_MODELS_DIR", DATA_DIR / "models"))
@@ -174,6 +200,7 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # Housekeeping has its own queue, served by the beat process, so it never waits behind training.
 CELERY_TASK_ROUTES = {
     "workers.tasks.reconcile": {"queue": "maintenance"},
+    "workers.tasks.apply_retention": {"queue": "maintenance"},
     # The playground's requests go to inference workers, which keep a model loaded between requests.
     "workers.tasks.answer_in_playground": {"queue": "inference"},
 }
@@ -185,6 +212,10 @@ CELERY_BEAT_SCHEDULE = {
     "reconcile": {
         "task": "workers.tasks.reconcile",
         "schedule": timedelta(seconds=int(os.environ.get("RECONCILE_SECONDS", 30))),
+    },
+    "apply-retention": {
+        "task": "workers.tasks.apply_retention",
+        "schedule": timedelta(seconds=int(os.environ.get("RETENTION_SWEEP_SECONDS", 3600))),
     },
 }
 

@@ -343,8 +343,9 @@ def store_log(job, log_path):
         job.log_file.delete(save=False)
     worker = job.worker.hostname if job.worker else "a worker"
     header = f"=== run on {worker}, ended {timezone.now():%Y-%m-%d %H:%M:%S} UTC at step {job.step} ===\n".encode()
-    job.log_file.save("trainer.log", ContentFile(earlier + header + log_path.read_bytes()), save=False)
-    Job.objects.filter(pk=job.pk).update(log_file=job.log_file.name)
+    content = earlier + header + log_path.read_bytes()
+    job.log_file.save("trainer.log", ContentFile(content), save=False)
+    Job.objects.filter(pk=job.pk).update(log_file=job.log_file.name, log_size=len(content))
 
 
 def store_checkpoint(job, step, path, outdir, workdir):

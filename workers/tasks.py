@@ -10,7 +10,7 @@ from celery.signals import worker_ready, worker_shutdown
 from django.conf import settings
 from django.utils import timezone
 
-from jobs import lifecycle, placement, submission
+from jobs import lifecycle, placement, storage, submission
 from jobs.models import Artifact, Job, Worker
 from jobs.spec import JobSpec
 
@@ -79,6 +79,11 @@ def too_small_for(job_id, worker):
 @shared_task(name="workers.tasks.reconcile")
 def reconcile():
     return str(reconciler.reconcile())
+
+
+@shared_task(name="workers.tasks.apply_retention")
+def apply_retention():
+    return storage.apply_retention()
 
 
 def _trains(queues):
