@@ -13,6 +13,7 @@ from django.utils import timezone
 from jobs import lifecycle, placement, storage, submission
 from jobs.models import Artifact, Job, Worker
 from jobs.spec import JobSpec
+from webapp.log_format import job_logging_context
 
 from . import heartbeat, reconciler
 from .runner import run_claimed_job
@@ -24,16 +25,21 @@ INFERENCE_QUEUE = "inference"
 
 @shared_task(bind=True, name="workers.tasks.run_job", acks_late=True, max_retries=None)
 def run_job(self, job_id, priority=None):
+    with job_logging_context(job_id):  # every line logged while this message is handled names the job
+        return handle_job_message(self, job_id, priority)
+
+
+def handle_job_message(task, job_id, priority):
     # A retry goes back at the job's place in the queue order, not at the broker's default.
     come_back_later = {"countdown": settings.QUOTA_RETRY_SECONDS}
     if priority is not None:
         come_back_later["priority"] = submission.broker_priority(priority)
     if must_wait_for_quota(job_id):
-        raise self.retry(**come_back_later)
-    hostname = self.request.hostname or "unknown"
+        raise task.retry(**come_back_later)
+    hostname = task.request.hostname or "unknown"
     worker = Worker.objects.filter(hostname=hostname).first() or heartbeat.register(hostname, ["training"])
     if too_small_for(job_id, worker):
-        raise self.retry(**come_back_later)
+        raise task.retry(**come_back_later)
     job = lifecycle.claim(job_id, worker, sent_priority=priority)
     if job is None:
         log.info("job %s is not claimable (taken, finished, cancelled or re-queued at another priority); nothing to do", job_id)

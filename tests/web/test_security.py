@@ -22,8 +22,8 @@ from tests.conftest import REPO
 FILLERS = {"int": "1", "uuid": str(uuid.uuid4()), "str": "x", "path": "x", "slug": "x"}
 # Walked elsewhere: Django's admin (its own login), and the REST API through its schema (below).
 NOT_WALKED = ("admin/", "api/")
-# Needing no login: the login page, and logging out.
-LOGIN_ROUTES = ("login", "logout")
+# Needing no login: the login page, logging out, and what operators' tools read (jobs/ops_views.py guards /metrics).
+LOGIN_ROUTES = ("login", "logout", "healthz", "metrics")
 
 
 def routes(patterns=None, prefix=""):
