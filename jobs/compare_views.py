@@ -13,12 +13,13 @@ from datetime import timedelta
 from typing import Callable
 
 from django.contrib.auth.decorators import login_required
+from django.db.models import F, Max, Window
 from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
 from django.template.defaultfilters import filesizeformat
 from django.urls import path, reverse
 
-from .charts import SERIES_COLOURS, overlay_chart
+from .charts import MAX_POINTS_PER_LINE, SERIES_COLOURS, overlay_chart
 from .models import Job, Metric
 from .teams import visible
 from .templatetags.tunedeck import short_duration
@@ -198,22 +199,24 @@ def measurement_rows(jobs):
 
 
 def curve_charts(jobs):
-    """Overlaid loss curves by step and by tokens seen, from the Metric rows of all runs in one query."""
+    """Overlaid loss curves by step and by tokens seen, from the Metric rows of all runs in one query.
+
+    The database picks the rows each line needs (charts.MAX_POINTS_PER_LINE a line), so long runs send
+    a few hundred rows each, not one per step.
+    """
     curves = defaultdict(lambda: defaultdict(list))
-    tokens_at_step = defaultdict(dict)
-    rows = (Metric.objects.filter(job__in=jobs).order_by("job", "step", "id")
-            .values_list("job_id", "step", "train_loss", "eval_loss", "tokens_seen"))
-    for job_id, step, train_loss, eval_loss, tokens_seen in rows.iterator():
-        if tokens_seen is not None:
-            tokens_at_step[job_id][step] = tokens_seen
+    rows = (Metric.objects.filter(job__in=jobs).loss_curve_points(MAX_POINTS_PER_LINE)
+            # The tokens seen by a row's step, which an evaluation row does not record itself.
+            .annotate(tokens_at_step=Window(Max("tokens_seen"), partition_by=[F("job_id"), F("step")]))
+            .values_list("job_id", "step", "train_loss", "eval_loss", "tokens_at_step"))
+    for job_id, step, train_loss, eval_loss, tokens_at_step in rows:
         if train_loss is not None:
             curves[job_id]["train_by_step"].append((step, train_loss))
-            curves[job_id]["train_by_tokens"].append((tokens_seen, train_loss))
+            curves[job_id]["train_by_tokens"].append((tokens_at_step, train_loss))
         if eval_loss is not None:
+            # An evaluation ran after the training step of the same number: tokens_at_step is that step's count.
             curves[job_id]["eval_by_step"].append((step, eval_loss))
-    # An evaluation row carries no token count: it ran after the training step of the same number.
-    for job_id, by_step in tokens_at_step.items():
-        curves[job_id]["eval_by_tokens"] = [(by_step.get(step), loss) for step, loss in curves[job_id]["eval_by_step"]]
+            curves[job_id]["eval_by_tokens"].append((tokens_at_step, eval_loss))
 
     charts = []
     for title, curve, markers in (

@@ -6,6 +6,9 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import models
+from django.db.models import Count, F, Q, Window
+from django.db.models.functions import Greatest, Mod
+from django.db.models.lookups import Exact
 from django.utils import timezone
 
 from .spec import CANNOT_MERGE_REASONS, METHOD_LABELS
@@ -278,6 +281,37 @@ class JobEvent(models.Model):
         return f"{self.job_id} {self.kind}: {self.message}"
 
 
+class MetricQuerySet(models.QuerySet):
+    def loss_curve_points(self, max_points):
+        """The rows that draw each job's train and eval loss: at most `max_points` of each per job.
+
+        Picked in the database, evenly spread by position with the first and the last kept, so a
+        job of 100,000 steps sends a few hundred rows, not all of them, and one query serves any
+        number of jobs.
+        """
+        in_order = {"partition_by": [F("job_id")], "order_by": [F("step").asc(), F("id").asc()]}
+        whole_job = {"partition_by": [F("job_id")]}
+        rows = self.filter(Q(train_loss__isnull=False) | Q(eval_loss__isnull=False)).annotate(
+            # Count(column) counts the rows where it is set: a row's place among its job's train (or eval) rows.
+            train_place=Window(Count("train_loss"), **in_order),
+            train_rows=Window(Count("train_loss"), **whole_job),
+            eval_place=Window(Count("eval_loss"), **in_order),
+            eval_rows=Window(Count("eval_loss"), **whole_job),
+        )
+        return rows.filter(
+            Q(train_loss__isnull=False) & _every_nth_and_last("train_place", "train_rows", max_points)
+            | Q(eval_loss__isnull=False) & _every_nth_and_last("eval_place", "eval_rows", max_points)
+        ).order_by("job_id", "step", "id")
+
+
+def _every_nth_and_last(place, rows, max_points):
+    """Places 1, 1 + n, 1 + 2n, … and the last, at most max_points in all: n = ceil(rows / (max_points - 1))."""
+    # Integer division in SQL, both operands being integers; at least 1, as PostgreSQL computes the modulo
+    # for every row, even one whose other condition already decided, and a job with no eval rows has 0.
+    stride = Greatest((F(rows) + (max_points - 2)) / (max_points - 1), 1)
+    return Q(**{rows: F(place)}) | Q(Exact(Mod(F(place) - 1, stride), 0))
+
+
 class Metric(models.Model):
     job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="metrics")
     step = models.IntegerField()
@@ -290,6 +324,8 @@ class Metric(models.Model):
     tokens_seen = models.BigIntegerField(null=True)
     gpu_memory_mb = models.FloatField(null=True)
     cpu_memory_mb = models.FloatField(null=True)
+
+    objects = MetricQuerySet.as_manager()
 
     class Meta:
         ordering = ["step", "id"]

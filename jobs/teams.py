@@ -21,7 +21,9 @@ def visible(user, queryset):
     if user.is_staff:
         return queryset
     team_path = {Job: "team", Dataset: "team"}.get(model, "job__team")
-    return queryset.filter(**{f"{team_path}__memberships__user": user}).distinct()
+    # The teams as a subquery, not a join through memberships: no row comes twice, so no DISTINCT, which
+    # would have the database sort every visible row, all its columns, before it could take a page of them.
+    return queryset.filter(**{f"{team_path}__in": teams_of(user)})
 
 
 def get_visible_or_404(user, queryset, **lookup):

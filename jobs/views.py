@@ -10,7 +10,7 @@ from django.views.decorators.http import require_POST
 from pydantic import ValidationError
 
 from . import lifecycle, placement, storage, worker_control
-from .charts import loss_chart
+from .charts import MAX_POINTS_PER_LINE, loss_chart
 from .datasets import KIND_OF_TASK
 from .forms import AddMemberForm, DatasetUploadForm, JobForm, TeamQuotaForm
 from .models import ApiToken, Artifact, BaseModel, Checkpoint, Dataset, Job, Membership, Worker
@@ -63,9 +63,10 @@ def job_list(request):
     status = request.GET.get("status")
     if status in Job.Status.values:
         jobs = jobs.filter(status=status)
+    jobs = list(jobs[:200])  # read once: the rows and whether any of them is still active
     template = "jobs/_job_rows.html" if request.htmx else "jobs/job_list.html"
-    return render(request, template, {"jobs": jobs[:200], "statuses": Job.Status.values, "status": status,
-                                      "any_active": any(job.is_active for job in jobs[:200])})
+    return render(request, template, {"jobs": jobs, "statuses": Job.Status.values, "status": status,
+                                      "any_active": any(job.is_active for job in jobs)})
 
 
 @login_required
@@ -131,10 +132,12 @@ def _new_job_initial(query, team):
 
 
 def _job_context(request, pk):
-    job = get_visible_or_404(request.user, Job.objects.select_related("base_model", "dataset", "worker"), pk=pk)
+    job = get_visible_or_404(request.user, Job.objects.select_related(
+        "base_model", "dataset", "validation_dataset", "reference_dataset", "worker", "created_by",
+    ), pk=pk)
     return {
         "job": job,
-        "chart": loss_chart(list(job.metrics.all())),
+        "chart": loss_chart(list(job.metrics.loss_curve_points(MAX_POINTS_PER_LINE))),
         "events": list(job.events.order_by("-created_at", "-id")[:50]),
         "artifacts": list(job.artifacts.all()),
         "checkpoints": list(job.checkpoints.exclude(file="").order_by("-step")),
