@@ -19,11 +19,19 @@ from .submission import SubmissionError, submit_job
 from .teams import current_team, get_visible_or_404, visible
 
 
+DASHBOARD_ACTIVE_SHOWN = 25
+
+
 @login_required
 def dashboard(request):
     jobs = visible(request.user, Job.objects.select_related("base_model", "dataset"))
+    active = jobs.filter(status__in=Job.ACTIVE_STATUSES)
+    # Running first ("running" sorts after "queued"), then the queue in the order workers take it.
+    # A long queue is summed up rather than drawn again every 2 s.
+    active_jobs = list(active.order_by("-status", "-priority", "created_at")[:DASHBOARD_ACTIVE_SHOWN])
     context = {
-        "active_jobs": jobs.filter(status__in=Job.ACTIVE_STATUSES).order_by("created_at"),
+        "active_jobs": active_jobs,
+        "more_active": active.count() - len(active_jobs),
         "recent_jobs": jobs.exclude(status__in=Job.ACTIVE_STATUSES).order_by("-finished_at")[:10],
         "workers": Worker.objects.select_related("current_job"),
         "team": current_team(request.user),

@@ -98,8 +98,8 @@ def queries_to_read(client, url, bound, django_assert_max_num_queries, **headers
     ("/jobs/", {}, 3),
     ("/jobs/?status=running", {}, 3),
     ("/jobs/", {"HX-Request": "true"}, 3),  # the rows, refreshed every 2 s while jobs run
-    ("/", {}, 6),
-    ("/", {"HX-Request": "true"}, 6),
+    ("/", {}, 7),  # 7: the active jobs drawn (at most 25) and how many more there are
+    ("/", {"HX-Request": "true"}, 7),
 ])
 def test_the_job_list_and_the_dashboard_take_as_many_queries_for_30_jobs_as_for_3(
     alice, add_jobs, url, headers, bound, django_assert_max_num_queries,
@@ -174,3 +174,14 @@ def test_the_compare_page_draws_long_runs_end_to_end(alice, add_jobs):
     for line in lines:
         x = plotted_x(line)
         assert len(x) <= MAX_POINTS_PER_LINE and x[-1] == max(x)
+
+
+def test_the_dashboard_draws_the_running_jobs_and_the_head_of_a_long_queue(alice, add_jobs):
+    jobs = add_jobs(MANY)
+    Job.objects.update(status="queued", finished_at=None)
+    Job.objects.filter(pk=jobs[-1].pk).update(status="running")
+    page = alice.get("/").content.decode()
+    rows = page.split('id="dashboard-live"')[1].split("Recent results")[0]
+    drawn = [int(pk) for pk in re.findall(r'href="/jobs/(\d+)/"', rows)]
+    assert len(drawn) == 25 and drawn[0] == jobs[-1].pk, "the running job comes first, then the queue's head"
+    assert f"and {MANY - 25} more waiting" in rows
