@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from workers.training.modeling import weight_mismatches
+
 CHECKPOINTS_DIR = "checkpoints"
 TRAINER_STATE_FILE = "trainer_state.json"
 PARAMETERS_FILE = "trainable_parameters.safetensors"
@@ -193,17 +195,9 @@ def load_trainable_parameters(model, checkpoint):
     Checked before anything is copied, so a refused checkpoint leaves the model as it was.
     """
     expected, parameters = dict(trainable_parameters(model)), checkpoint.parameters
-    missing = sorted(expected.keys() - parameters.keys())
-    unexpected = sorted(parameters.keys() - expected.keys())
-    wrong_shape = [
-        f"{name} {tuple(parameters[name].shape)} (this run: {tuple(parameter.shape)})"
-        for name, parameter in expected.items()
-        if name in parameters and parameters[name].shape != parameter.shape
-    ]
     problems = [
-        f"{label}: {_some(names)}"
-        for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape))
-        if names
+        f"{problem}: {_some(names)}"
+        for problem, names in weight_mismatches(parameters, expected, expected_as="this run:")
     ]
     if problems:
         raise ValueError(

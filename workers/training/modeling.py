@@ -85,3 +85,18 @@ def count_parameters(model):
         if parameter.requires_grad:
             trainable += count
     return trainable, total
+
+
+def weight_mismatches(found, expected, expected_as="expected"):
+    """Why tensors `found` cannot load where `expected` are: [(problem, names)], empty when they fit."""
+    wrong_shape = [
+        f"{name} {tuple(found[name].shape)} ({expected_as} {tuple(tensor.shape)})"
+        for name, tensor in expected.items()
+        if name in found and found[name].shape != tensor.shape
+    ]
+    problems = (
+        ("missing", sorted(expected.keys() - found.keys())),
+        ("unexpected", sorted(found.keys() - expected.keys())),
+        ("wrong shape", wrong_shape),
+    )
+    return [(problem, names) for problem, names in problems if names]

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from jobs.spec import CANNOT_MERGE_REASONS
 from workers.training.export import write_label_names
 from workers.training.methods.bottleneck import adapter_modules, plan_adapters, transformer_layers
-from workers.training.modeling import architecture_family
+from workers.training.modeling import architecture_family, weight_mismatches
 
 ARTIFACT_TYPE = "bottleneck_adapter"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -138,18 +138,7 @@ def _read_layout(directory):
 
 
 def _check_weights(path, weights, expected):
-    missing = sorted(expected.keys() - weights.keys())
-    unexpected = sorted(weights.keys() - expected.keys())
-    wrong_shape = [
-        f"{name} {tuple(weights[name].shape)} (expected {tuple(tensor.shape)})"
-        for name, tensor in expected.items()
-        if name in weights and weights[name].shape != tensor.shape
-    ]
-    problems = [
-        f"{label}: {', '.join(names)}"
-        for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape))
-        if names
-    ]
+    problems = [f"{problem}: {', '.join(names)}" for problem, names in weight_mismatches(weights, expected)]
     if problems:
         raise ValueError(f"{path} does not match its {CONFIG_FILE}: " + "; ".join(problems))
 
