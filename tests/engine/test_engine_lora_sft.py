@@ -18,10 +18,11 @@ CHECKPOINT_EVERY = 30
 
 EVENT_KEYS = {
     "started": {
-        "resumed_from_step", "total_steps", "trainable_params", "total_params", "device", "train_rows", "eval_rows",
+        "resumed_from_step", "total_steps", "trainable_params", "total_params", "device", "gpus", "train_rows",
+        "eval_rows",
     },
     "step": {
-        "step", "epoch", "train_loss", "learning_rate", "tokens_per_sec", "tokens_seen", "gpu_memory_mb",
+        "step", "epoch", "train_loss", "learning_rate", "tokens_per_sec", "tokens_seen", "mfu", "gpu_memory_mb",
         "cpu_memory_mb",
     },
     "eval": {"step", "eval_loss", "eval_accuracy"},
@@ -29,7 +30,7 @@ EVENT_KEYS = {
     "artifact": {"kind", "path"},
     "finished": {
         "steps", "train_loss", "eval_loss", "eval_accuracy", "eval_f1", "perplexity", "wall_time_s",
-        "trainable_params", "total_params", "tokens_per_sec", "peak_memory_mb", "artifact_bytes", "latency_ms",
+        "trainable_params", "total_params", "tokens_per_sec", "mfu", "peak_memory_mb", "artifact_bytes", "latency_ms",
         "latency_merged_ms", "reference_loss_before", "reference_loss_after",
     },
     "log": {"message"},
@@ -71,7 +72,7 @@ def test_metrics_file_records_the_same_lines(sft_result):
 def test_every_step_is_reported(sft_result):
     started = sft_result.of("started")[0]
     assert started["total_steps"] == STEPS
-    assert started["device"] == "cpu"
+    assert started["device"] == "cpu" and started["gpus"] == 0
     assert started["train_rows"] + started["eval_rows"] == 400
     assert 0 < started["trainable_params"] < started["total_params"]
 
@@ -80,7 +81,7 @@ def test_every_step_is_reported(sft_result):
     tokens_seen = [line["tokens_seen"] for line in steps]
     assert tokens_seen == sorted(tokens_seen) and tokens_seen[0] > 0
     assert all(line["tokens_per_sec"] > 0 and line["cpu_memory_mb"] > 0 for line in steps)
-    assert all(line["gpu_memory_mb"] is None for line in steps)
+    assert all(line["gpu_memory_mb"] is None and line["mfu"] is None for line in steps)
     # Linear decay from the learning rate to zero, no warmup asked for.
     assert steps[0]["learning_rate"] == pytest.approx(5e-3)
     assert steps[-1]["learning_rate"] < steps[0]["learning_rate"] / 10

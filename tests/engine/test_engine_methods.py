@@ -49,7 +49,7 @@ METHOD_RUNS = {
 MERGEABLE = {"lora", "qlora", "dora", "ia3"}
 FINISHED_KEYS = {
     "event", "steps", "train_loss", "eval_loss", "eval_accuracy", "eval_f1", "perplexity", "wall_time_s",
-    "trainable_params", "total_params", "tokens_per_sec", "peak_memory_mb", "artifact_bytes", "latency_ms",
+    "trainable_params", "total_params", "tokens_per_sec", "mfu", "peak_memory_mb", "artifact_bytes", "latency_ms",
     "latency_merged_ms", "reference_loss_before", "reference_loss_after",
 }
 

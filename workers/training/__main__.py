@@ -5,10 +5,14 @@ jobs.spec.TrainingRun. Stdout carries only JSON progress lines (see
 progress.py); everything else, library chatter included, goes to stderr.
 Exit status 0 when the job finished or paused, 1 when it failed (after an "error" line).
 
-Signals: SIGUSR1 pauses. The step in progress completes, a checkpoint is saved
-at it, a "paused" line names it, and the process exits 0 with no artifact and no
+Pausing: SIGUSR1, or a file named PAUSE in OUTDIR (which reaches every process
+of a multi-GPU run under `accelerate launch`, where a signal would kill the
+launcher). The step in progress completes, a checkpoint is saved at it, a
+"paused" line names it, and the process exits 0 with no artifact and no
 "finished" line; TrainingRun.resume_from set to that checkpoint continues the
 job. SIGTERM cancels: the process dies at once, as by default.
+
+Under `accelerate launch`, only the first process (RANK 0) writes progress lines.
 """
 
 import argparse
@@ -39,14 +43,16 @@ def main(argv=None):
     # Keep the real stdout for progress only, and send fd 1 to stderr so that
     # whatever a library prints cannot break the worker's line parser.
     sys.stdout.flush()
-    progress_stream = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    first_process = int(os.environ.get("RANK", "0")) == 0
+    progress_stream = os.fdopen(os.dup(1), "w", encoding="utf-8") if first_process else open(os.devnull, "w")
     os.dup2(2, 1)
     progress = Progress(progress_stream)
 
     try:
         run = TrainingRun.model_validate_json(args.spec.read_text(encoding="utf-8"))
         args.outdir.mkdir(parents=True, exist_ok=True)
-        progress.metrics_path = args.outdir / METRICS_FILE
+        if first_process:
+            progress.metrics_path = args.outdir / METRICS_FILE
         # Imported after the redirection (importing torch and transformers can print)
         # and after the spec is read, so that a bad spec fails in a blink.
         from workers.training.loop import train

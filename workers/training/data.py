@@ -1,4 +1,4 @@
-"""From a dataset file to batches: tokenize, split into train and eval, pad.
+"""From a dataset file to batches: tokenize, split into train and eval, pad or pack.
 
 SFT examples become one token sequence whose labels are -100 (no loss) on the
 prompt side, so the model learns to write completions, not to echo prompts.
@@ -161,6 +161,36 @@ def collate(examples, pad_token_id):
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def collate_packed(examples):
+    """The batch's sequences end to end in one row, with no padding: every position computed is a real token.
+
+    Position ids restart at 0 with each sequence; from them transformers builds an
+    attention mask that keeps each sequence to itself (no attention mask may be
+    given, or it would not look). The first token of a sequence is never a target:
+    packed, it would be predicted from the end of the sequence before. The loss is
+    then the same mean over the same targets as the padded batch's.
+    """
+    input_ids, labels, position_ids = [], [], []
+    for example in examples:
+        input_ids += example.input_ids
+        labels += [IGNORE_INDEX] + example.labels[1:]
+        position_ids += range(len(example.input_ids))
+    return {
+        "input_ids": torch.tensor([input_ids]),
+        "position_ids": torch.tensor([position_ids]),
+        "labels": torch.tensor([labels]),
+        # A cache, made by default, would also stop transformers from reading the packing from the positions.
+        "use_cache": False,
+    }
+
+
+def real_tokens(batch):
+    """The tokens of a batch that are not padding."""
+    if "attention_mask" in batch:
+        return batch["attention_mask"].sum()
+    return torch.tensor(batch["input_ids"].numel(), device=batch["input_ids"].device)
+
+
 class EpochShuffle(Sampler):
     """A new order of the rows each epoch, a function of (seed, epoch) alone.
 
@@ -184,7 +214,8 @@ class EpochShuffle(Sampler):
         return self.row_count
 
 
-def make_loader(examples, batch_size, pad_token_id, shuffle=False, seed=0):
+def make_loader(examples, batch_size, pad_token_id, shuffle=False, seed=0, pack=False):
+    """Batches of `batch_size` rows: padded to the longest, or with `pack` in one row of their real tokens."""
     return DataLoader(
         examples,
         batch_size=batch_size,
@@ -193,5 +224,5 @@ def make_loader(examples, batch_size, pad_token_id, shuffle=False, seed=0):
         # global one, which dropout uses: a resumed run, starting an iterator mid-epoch where the
         # uninterrupted run did not, would then see different dropout masks.
         generator=torch.Generator().manual_seed(seed),
-        collate_fn=partial(collate, pad_token_id=pad_token_id),
+        collate_fn=collate_packed if pack else partial(collate, pad_token_id=pad_token_id),
     )

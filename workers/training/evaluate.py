@@ -15,33 +15,35 @@ class Evaluation:
 
 
 @torch.no_grad()
-def evaluate(model, loader, task):
-    """Evaluate on every row of `loader`.
+def evaluate(model, loader, task, accelerator):
+    """Evaluate on every row of `loader`, over all processes of a multi-GPU run.
 
     The loss is a mean over every predicted token (SFT) or every row
     (classification) of the eval set, not a mean of batch means, so it does
     not depend on how the rows fall into batches.
     """
     model.eval()
-    loss_sum, counted = 0.0, 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    counted = torch.zeros((), dtype=torch.long, device=accelerator.device)
     predictions, labels = [], []
     for batch in loader:
         outputs = model(**batch)
         if task == "sequence_classification":
             count = batch["labels"].numel()
-            predictions.append(outputs.logits.argmax(dim=-1))
-            labels.append(batch["labels"])
+            predictions.append(accelerator.gather_for_metrics(outputs.logits.argmax(dim=-1)))
+            labels.append(accelerator.gather_for_metrics(batch["labels"]))
         else:
             # The model predicts token t+1 from position t, so the first label is never a target.
-            count = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().item()
-        loss_sum += outputs.loss.item() * count
+            count = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+        loss_sum += outputs.loss.double() * count
         counted += count
     model.train()
+    loss = (accelerator.reduce(loss_sum, "sum") / accelerator.reduce(counted, "sum")).item()
     if task != "sequence_classification":
-        return Evaluation(loss_sum / counted)
+        return Evaluation(loss)
     predictions, labels = torch.cat(predictions), torch.cat(labels)
     accuracy = (predictions == labels).float().mean().item()
-    return Evaluation(loss_sum / counted, accuracy, macro_f1(predictions, labels))
+    return Evaluation(loss, accuracy, macro_f1(predictions, labels))
 
 
 def macro_f1(predictions, labels):

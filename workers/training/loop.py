@@ -4,7 +4,11 @@ Read top to bottom: set up (seed, data, model, method, optimizer; the state
 of a checkpoint when resuming), then the steps (batch in, loss out, a progress
 line per step, evals and checkpoints on the way, a pause when asked), then the
 artifact, the measurements (and a merged model where the method merges) and a
-summary.
+summary. What makes it fast on a GPU is in speed.py.
+
+Under `accelerate launch` with N processes (one per GPU, DDP), every process
+trains on its own batches of batch_size rows and the gradients are averaged;
+the first process alone writes progress, checkpoints and the artifact.
 """
 
 import math
@@ -17,7 +21,7 @@ from accelerate import Accelerator, skip_first_batches
 from accelerate.utils import set_seed
 from transformers import get_linear_schedule_with_warmup
 
-from workers.training import measure
+from workers.training import measure, speed
 from workers.training.checkpoint import (
     load_checkpoint,
     load_trainable_parameters,
@@ -25,7 +29,7 @@ from workers.training.checkpoint import (
     rng_states,
     save_checkpoint,
 )
-from workers.training.data import load_training_data, make_loader
+from workers.training.data import load_training_data, make_loader, real_tokens
 from workers.training.evaluate import evaluate
 from workers.training.export import ADAPTER_DIR, MERGED_DIR, save_merged
 from workers.training.methods import METHODS
@@ -41,8 +45,9 @@ def train(run, outdir, progress, pause_requested=None):
     been merged for the latency measurement: it computes the same function,
     up to float rounding, but no longer holds the method's layers.
 
-    `pause_requested` (a threading.Event, set from a signal handler) stops the
-    run after the step in progress, with a checkpoint at that step and no artifact.
+    `pause_requested` (a threading.Event, set from a signal handler) or a file
+    named PAUSE in `outdir` stops the run after the step in progress, with a
+    checkpoint at that step and no artifact.
     """
     wall_start = time.perf_counter()
     outdir = Path(outdir)
@@ -63,16 +68,27 @@ def train(run, outdir, progress, pause_requested=None):
     # --- data ---
     tokenizer = load_tokenizer(run.model_path, run.trust_remote_code)
     data = load_training_data(run, tokenizer, log=progress.log)
+    # Padding-free: a batch's sequences packed into one row, where the model and the method allow it (data.py).
+    packs = spec.task == "causal_lm_sft" and getattr(method, "PACKS_SEQUENCES", True)
     train_loader = make_loader(
-        data.train, hyperparameters.batch_size, data.pad_token_id, shuffle=True, seed=hyperparameters.seed
+        data.train, hyperparameters.batch_size, data.pad_token_id, shuffle=True, seed=hyperparameters.seed, pack=packs
     )
     eval_loader = make_loader(data.eval, hyperparameters.batch_size, data.pad_token_id)
 
     # --- model and method ---
-    base_model_kwargs = {}
+    base_model_kwargs = {"dtype": speed.base_dtype(spec.method.type)}
     if hasattr(method, "base_model_kwargs"):
-        base_model_kwargs = method.base_model_kwargs(spec.method, spec.task, on_gpu)
+        base_model_kwargs.update(method.base_model_kwargs(spec.method, spec.task, on_gpu))
     model = load_model(run, data.label_names, data.pad_token_id, **base_model_kwargs)
+    if packs and architecture_family(model) != "llama":
+        # transformers reads packed rows from the position ids in the families our presets know; others stay padded.
+        packs = False
+        train_loader = make_loader(
+            data.train, hyperparameters.batch_size, data.pad_token_id, shuffle=True, seed=hyperparameters.seed
+        )
+    fused_loss = spec.task == "causal_lm_sft" and speed.use_liger(model)
+    flops_per_token = speed.flops_per_token(spec.method.type, speed.matmul_parameters(model))
+    peak_flops = speed.peak_flops()
     reference_loader, reference_loss_before = None, None
     if data.reference:
         # The forgetting check: the base model's loss on text of its own domain, before the method touches it.
@@ -85,12 +101,15 @@ def train(run, outdir, progress, pause_requested=None):
         # Non-reentrant: the variant torch recommends, which also works when the inputs need no gradient.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = method.apply(model, spec.method, spec.task, architecture_family(model))
+    speed.trainable_in_float32(model)
     trainable_params, total_params = count_parameters(model)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
         lr=hyperparameters.learning_rate,
         weight_decay=hyperparameters.weight_decay,
+        fused=on_gpu,  # one kernel for all parameters instead of several per tensor
     )
+    compiled = speed.compile_in_place(model)
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
 
     # Counted on the prepared loader, which holds this process's share of the rows.
@@ -122,11 +141,19 @@ def train(run, outdir, progress, pause_requested=None):
         trainable_params=trainable_params,
         total_params=total_params,
         device=accelerator.device.type,
+        gpus=accelerator.num_processes if on_gpu else 0,
         train_rows=len(data.train),
         eval_rows=len(data.eval),
     )
+    progress.log(
+        f"{'packed' if packs else 'padded'} batches, {next(model.parameters()).dtype} base weights"
+        f"{', compiled' if compiled else ''}{', fused linear cross-entropy' if fused_loss else ''}"
+    )
 
     def save_a_checkpoint(step):
+        accelerator.wait_for_everyone()
+        if not accelerator.is_main_process:
+            return None
         training_state = {
             "step": step,
             "epoch": step / steps_per_epoch,
@@ -146,7 +173,7 @@ def train(run, outdir, progress, pause_requested=None):
         return path
 
     def run_eval(step):
-        evaluation = evaluate(model, eval_loader, spec.task)
+        evaluation = evaluate(model, eval_loader, spec.task, accelerator)
         progress.emit("eval", step=step, eval_loss=evaluation.loss, eval_accuracy=evaluation.accuracy)
         return evaluation
 
@@ -167,24 +194,31 @@ def train(run, outdir, progress, pause_requested=None):
             optimizer.zero_grad(set_to_none=True)
             step += 1
 
-            train_loss = loss.item()  # waits for the GPU, so the timing below is true
+            # One exchange between the processes per step: the mean loss, all real tokens, and whether to pause.
+            pause_asked = (pause_requested is not None and pause_requested.is_set()) or (outdir / "PAUSE").exists()
+            exchanged = torch.stack(
+                [loss.detach().float(), real_tokens(batch).float(), torch.tensor(float(pause_asked), device=loss.device)]
+            )
+            train_loss, tokens, pausing = accelerator.reduce(exchanged, "sum").tolist()  # waits for the GPU: true timings
+            train_loss, tokens = train_loss / accelerator.num_processes, int(tokens)
             if not math.isfinite(train_loss):
                 raise FloatingPointError(
                     f"the training loss became {train_loss} at step {step}; try a lower learning_rate"
                 )
             recent_losses.append(train_loss)
-            tokens = int(batch["attention_mask"].sum())  # real tokens, not padding
             tokens_seen += tokens
             now = time.perf_counter()
             training_seconds += now - step_start
+            tokens_per_sec = tokens / (now - step_start)
             progress.emit(
                 "step",
                 step=step,
                 epoch=step / steps_per_epoch,
                 train_loss=train_loss,
                 learning_rate=learning_rate,
-                tokens_per_sec=tokens / (now - step_start),
+                tokens_per_sec=tokens_per_sec,
                 tokens_seen=tokens_seen,
+                mfu=mfu(tokens_per_sec, flops_per_token, peak_flops, accelerator.num_processes),
                 gpu_memory_mb=torch.cuda.max_memory_allocated() / 2**20 if on_gpu else None,
                 cpu_memory_mb=measure.peak_cpu_memory_mb(),
             )
@@ -194,7 +228,7 @@ def train(run, outdir, progress, pause_requested=None):
             if data.eval and eval_due and step < total_steps:
                 run_eval(step)
             # A pause asked for during the last step comes too late to save anything: the run finishes.
-            pausing = pause_requested is not None and pause_requested.is_set() and step < total_steps
+            pausing = pausing > 0 and step < total_steps
             if step % hyperparameters.checkpoint_every == 0 or pausing:
                 checkpoint_path = save_a_checkpoint(step)
             if pausing:
@@ -208,6 +242,9 @@ def train(run, outdir, progress, pause_requested=None):
     # --- the result ---
     evaluation = run_eval(step) if data.eval else None
     reference_loss_after = reference_loss(model, reference_loader, accelerator) if reference_loader else None
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return None
     # Taken now: merging below may load another copy of the base (QLoRA reloads it unquantized).
     peak_memory_mb = measure.peak_memory_mb()
     # Without the mixed-precision wrapper, the model returned computes in full
@@ -246,6 +283,7 @@ def train(run, outdir, progress, pause_requested=None):
         trainable_params=trainable_params,
         total_params=total_params,
         tokens_per_sec=tokens_seen / training_seconds,
+        mfu=mfu(tokens_seen / training_seconds, flops_per_token, peak_flops, accelerator.num_processes),
         peak_memory_mb=peak_memory_mb,
         artifact_bytes=measure.size_on_disk(outdir / ADAPTER_DIR),
         latency_ms=latency_ms,
@@ -256,9 +294,14 @@ def train(run, outdir, progress, pause_requested=None):
     return trained_model
 
 
+def mfu(tokens_per_sec, flops_per_token, peak_flops, gpus):
+    """Model FLOPs utilisation: the share of the GPUs' bf16 peak the model's matmuls ran at (None on a CPU)."""
+    return tokens_per_sec * flops_per_token / (peak_flops * gpus) if peak_flops else None
+
+
 def reference_loss(model, loader, accelerator):
     # A quantized base was loaded onto its device already and cannot be moved; prepare() moves the others later.
     if not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
         model.to(accelerator.device)
     with accelerator.autocast():
-        return evaluate(model, loader, "causal_lm_sft").loss
+        return evaluate(model, loader, "causal_lm_sft", accelerator).loss

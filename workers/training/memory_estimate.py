@@ -1,10 +1,12 @@
 """How much memory a job will need at its peak, worked out before it is queued.
 
 Plain arithmetic over the model's sizes (catalogue.describe_model) and the job's
-spec, mirroring what the engine does: the base loaded in float32 (QLoRA: its
-linear layers in 4 or 8 bits, the rest in float32), bf16 autocast on a GPU,
-trainable weights in float32 with AdamW's two moments, activations for a batch
-padded to max_seq_length, and the float32 logits of the loss. The GPU figure is
+spec, mirroring what the engine does (speed.py): on a GPU a frozen base in bf16
+(QLoRA: its linear layers in 4 or 8 bits, the rest in bf16), full fine-tuning's
+weights in float32 under bf16 autocast, float32 everywhere on a CPU; trainable
+weights in float32 with AdamW's two moments, activations for a batch whose rows
+all reach max_seq_length (the most a batch, packed or padded, can hold), and the
+float32 logits of the loss. The GPU figure is
 what torch allocates (torch.cuda.max_memory_allocated, as the job page reports
 it); `fits` adds the CUDA context and allocator slack on top.
 
@@ -90,14 +92,17 @@ def estimate_peak_memory(info, spec, device="cuda"):
 
     # --- weights of the frozen base ---
     parts = {}
+    bf16_base = device == "cuda" and method.type != "full"
     if method.type == "qlora":
         quantized = QUANTIZED_BYTES_PER_WEIGHT[(method.bits, method.double_quant and method.bits == 4)]
         parts["base weights (quantized)"] = linear_weights * quantized
-        parts["base weights (float32 rest)"] = (backbone + head - linear_weights) * 4
+        parts["base weights (bf16 rest)" if bf16_base else "base weights (float32 rest)"] = (
+            (backbone + head - linear_weights) * (2 if bf16_base else 4)
+        )
     else:
-        parts["base weights"] = (backbone + head) * 4
-    if device == "cuda" and method.type != "qlora":
-        # bf16 copies of the linear weights, made by autocast and kept for the backward pass.
+        parts["base weights (bf16)" if bf16_base else "base weights"] = (backbone + head) * (2 if bf16_base else 4)
+    if device == "cuda" and method.type == "full":
+        # bf16 copies of the float32 linear weights, made by autocast and kept for the backward pass.
         parts["bf16 weight copies"] = (linear_weights + head_linear_weights) * 2
 
     # --- trainable weights, their gradients and AdamW's two moments, all float32 ---

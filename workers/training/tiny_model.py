@@ -56,8 +56,10 @@ def build_random_llama(path, shape, dtype=None, vocab_size=None):
         **shape,
     )
     # The model's random initialisation draws from the global generator; fork it so
-    # building the model does not disturb the caller's random state.
-    with torch.random.fork_rng(devices=[]):
+    # building the model does not disturb the caller's random state. On a GPU when there
+    # is one: an 8B model takes minutes to initialise on a CPU.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.random.fork_rng(devices=[0] if device == "cuda" else []), torch.device(device):
         torch.manual_seed(SEED)
         model = LlamaForCausalLM(config)
     if dtype is not None:

@@ -17,6 +17,8 @@ Like peft's tuners/, a method is its config (in jobs/spec.py) plus a module here
         for methods that rebuild the base from run.model_path (QLoRA merges into an unquantized copy).
     CANNOT_MERGE = "why"                                 (where it cannot)
         A sentence for the user, shown when a merged export is asked for.
+    PACKS_SEQUENCES = False                              (where rows must hold one sequence each)
+        Causal LM training packs a batch's sequences into one row unless the method says so.
 """
 
 from workers.training.methods import adapter, dora, full, ia3, lora, prefix, prompt, qlora

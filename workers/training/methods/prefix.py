@@ -6,6 +6,7 @@ from jobs.spec import CANNOT_MERGE_REASONS
 from workers.training.methods.lora import PEFT_TASK_TYPES, load, save  # noqa: F401 (the interface)
 
 CANNOT_MERGE = CANNOT_MERGE_REASONS["prefix"]  # the same sentence the form and the API show
+PACKS_SEQUENCES = False  # its key/value vectors sit before each sequence's attention, one sequence per row
 
 
 def apply(model, config, task, family):

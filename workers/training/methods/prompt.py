@@ -10,6 +10,7 @@ from jobs.spec import CANNOT_MERGE_REASONS
 from workers.training.methods.lora import PEFT_TASK_TYPES, load, save  # noqa: F401 (the interface)
 
 CANNOT_MERGE = CANNOT_MERGE_REASONS["prompt"]  # the same sentence the form and the API show
+PACKS_SEQUENCES = False  # its virtual tokens go before each row's input, so a row must hold one sequence
 
 
 def apply(model, config, task, family):

@@ -46,11 +46,13 @@ def base_model_kwargs(config, task, on_gpu):
 
 
 def apply(model, config, task, family):
-    # Freezes the quantized base, keeps the few unquantized layers (norms, embeddings, head)
-    # in fp32 for stable training, and turns on gradient checkpointing: once the weights
-    # are 4-bit, the activations are what is left to save memory on. (Non-reentrant
-    # checkpointing is the one torch recommends, and needs no input hooks.)
-    model = peft.prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant": False})
+    # Gradient checkpointing always: once the weights are 4-bit, the activations are what is
+    # left to save memory on. (Non-reentrant, the variant torch recommends, which needs no
+    # input hooks.) Unlike peft's prepare_model_for_kbit_training, the unquantized layers
+    # (norms, embeddings, head) are not copied to float32: they are frozen, the norms compute
+    # in float32 anyway, and on an 8B model those copies alone would take 4 GB.
+    model.requires_grad_(False)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     keep_one_weight_layout(model)
     return lora.apply(model, config, task, family)
 

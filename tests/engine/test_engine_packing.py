@@ -1,0 +1,138 @@
+"""Padding-free packing and the bf16 base: the GPU's fast path, checked on the CPU where its arithmetic is the same."""
+
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from jobs.spec import (
+    AdapterConfig,
+    DoraConfig,
+    FullFineTuningConfig,
+    Ia3Config,
+    LoraConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    QLoraConfig,
+)
+from workers.training import speed
+from workers.training.data import IGNORE_INDEX, TokenizedExample, collate, collate_packed, real_tokens
+from workers.training.methods import METHODS, lora
+
+PAD = 0
+
+
+def examples(lengths, seed=0, vocab=250):
+    """Sequences of random tokens of the given lengths; the first two tokens are prompt (no loss), as SFT rows have."""
+    rng = random.Random(seed)
+    rows = []
+    for length in lengths:
+        ids = [rng.randrange(3, vocab) for _ in range(length)]
+        rows.append(TokenizedExample(ids, [IGNORE_INDEX, IGNORE_INDEX] + ids[2:]))
+    return rows
+
+
+def loss_and_lora_gradients(model, batch):
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture
+def lora_llama(tiny_llama_path):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_path, dtype=torch.float32)
+    model = lora.apply(model, LoraConfig(r=8, alpha=16, dropout=0.0, target_modules="all_linear"), "causal_lm_sft", "llama")
+    # B starts at zero, which would leave A's gradients zero on both sides: give B values so both are compared.
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.02)
+    return model
+
+
+def test_a_packed_batch_gives_the_padded_batchs_loss_and_gradients(lora_llama):
+    batch_rows = examples([5, 17, 9, 30])
+    padded, packed = collate(batch_rows, PAD), collate_packed(batch_rows)
+
+    assert packed["input_ids"].shape == (1, 5 + 17 + 9 + 30)  # no padding at all
+    assert int(real_tokens(packed)) == int(real_tokens(padded)) == 61
+    assert packed["position_ids"][0, :8].tolist() == [0, 1, 2, 3, 4, 0, 1, 2]
+
+    padded_loss, padded_gradients = loss_and_lora_gradients(lora_llama, padded)
+    packed_loss, packed_gradients = loss_and_lora_gradients(lora_llama, packed)
+    assert packed_loss == pytest.approx(padded_loss, rel=1e-5)
+    assert packed_gradients.keys() == padded_gradients.keys()
+    for name, gradient in padded_gradients.items():
+        torch.testing.assert_close(packed_gradients[name], gradient, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_packed_sequences_do_not_attend_to_each_other(lora_llama):
+    first, second = examples([12, 20])
+    changed_first = examples([12], seed=99)[0]
+    lora_llama.eval()
+    with torch.no_grad():
+        logits = lora_llama(**collate_packed([first, second])).logits
+        logits_after_a_changed_neighbour = lora_llama(**collate_packed([changed_first, second])).logits
+        logits_alone = lora_llama(**collate_packed([second])).logits
+    assert not torch.allclose(logits[0, :12], logits_after_a_changed_neighbour[0, :12])
+    torch.testing.assert_close(logits[0, 12:], logits_after_a_changed_neighbour[0, 12:])
+    torch.testing.assert_close(logits[0, 12:], logits_alone[0], rtol=1e-4, atol=1e-5)
+
+
+def test_the_first_token_of_each_packed_sequence_is_not_a_target():
+    rows = [TokenizedExample([5, 6, 7], [5, 6, 7]), TokenizedExample([8, 9], [8, 9])]
+    assert collate_packed(rows)["labels"][0].tolist() == [IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9]
+
+
+METHOD_CONFIGS = {
+    "lora": LoraConfig(r=4, alpha=8, target_modules="all_linear"),
+    "qlora": QLoraConfig(r=4, alpha=8),
+    "dora": DoraConfig(r=4, alpha=8),
+    "ia3": Ia3Config(),
+    "prefix": PrefixTuningConfig(num_virtual_tokens=4),
+    "prompt": PromptTuningConfig(num_virtual_tokens=4),
+    "adapter": AdapterConfig(),
+    "full": FullFineTuningConfig(),
+}
+
+
+@pytest.mark.parametrize("method_type", [name for name in METHOD_CONFIGS if name not in ("qlora", "full")])
+def test_every_frozen_base_method_trains_on_a_bf16_base(method_type, tiny_llama_path):
+    """As on a GPU: the base in bf16, the trained weights float32, the step under bf16 autocast."""
+    method = METHODS[method_type]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_path, dtype=torch.bfloat16)
+    model = method.apply(model, METHOD_CONFIGS[method_type], "causal_lm_sft", "llama")
+    speed.trainable_in_float32(model)
+    rows = examples([6, 11, 8])
+    batch = collate_packed(rows) if getattr(method, "PACKS_SEQUENCES", True) else collate(rows, PAD)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**batch).loss
+    loss.backward()
+
+    assert torch.isfinite(loss)
+    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    assert trained
+    for name, parameter in trained:
+        assert parameter.dtype == torch.float32, name
+        assert parameter.grad is not None and parameter.grad.dtype == torch.float32, name
+    frozen_dtypes = {p.dtype for p in model.parameters() if not p.requires_grad}
+    assert frozen_dtypes == {torch.bfloat16}
+
+
+def test_the_base_stays_float32_for_full_fine_tuning_and_on_a_cpu():
+    assert speed.base_dtype("full") == torch.float32
+    assert speed.base_dtype("lora") == (torch.bfloat16 if speed.on_bf16_gpu() else torch.float32)
+
+
+def test_mfu_counts_every_linear_weight_once(tiny_llama_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_path)
+    config = model.config
+    hidden, ffn, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    kv = config.num_key_value_heads * (hidden // config.num_attention_heads)
+    expected = layers * (2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * ffn) + config.vocab_size * hidden
+    assert speed.matmul_parameters(model) == expected
+    assert speed.flops_per_token("lora", expected) == 4 * expected
+    assert speed.flops_per_token("full", expected) == 6 * expected

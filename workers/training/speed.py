@@ -1,0 +1,104 @@
+"""What makes the engine fast on a GPU, and how fast it went.
+
+Measured in bench/train_speed.py against transformers.Trainer + peft (bench/README.md):
+a bf16 base under frozen methods, padding-free packing (data.py), torch.compile
+of the model, fused AdamW and, with Liger Kernel installed, a fused linear +
+cross-entropy loss that never holds the whole vocabulary's logits. Each is a
+default; an admin can turn the compile or the Liger kernels off on a worker
+(`TUNEDECK_COMPILE=0`, `TUNEDECK_LIGER=0`) if a model trips them. None of them
+applies on a CPU, where the same loop runs in float32, eager.
+"""
+
+import os
+
+import torch
+from transformers.pytorch_utils import Conv1D
+
+# Dense bf16 tensor-core peaks (FLOP/s) by the name CUDA reports; MFU is null for a GPU not listed.
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 70e12,
+    "L4": 121e12,
+}
+
+
+def setting(name, default=True):
+    return os.environ.get(name, "1" if default else "0").strip().lower() not in ("0", "false", "no", "off")
+
+
+def on_bf16_gpu():
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def base_dtype(method_type):
+    """The dtype the base weights are loaded in.
+
+    A frozen base needs no float32 master copy: bf16 halves its memory and
+    autocast would cast it to bf16 at every step anyway. Full fine-tuning updates
+    every weight, so those stay float32 (mixed precision), as do all weights on a CPU.
+    """
+    if on_bf16_gpu() and method_type != "full":
+        return torch.bfloat16
+    return torch.float32
+
+
+def trainable_in_float32(model):
+    """Optimizer updates are too small for bf16's 8-bit mantissa: trained weights stay float32, computed in bf16."""
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()
+
+
+def matmul_parameters(model):
+    """N of MFU: the weights of every linear layer, the LM head included (4-bit weights counted unpacked)."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, Conv1D)):
+            weight = module.weight
+            count += weight.numel() * (2 * weight.element_size() if type(weight).__name__ == "Params4bit" else 1)
+    return count
+
+
+def flops_per_token(method_type, matmul_params):
+    # Forward 2N; backward 2N to the activations, and 2N more to the weights when they all train.
+    return (6 if method_type == "full" else 4) * matmul_params
+
+
+def peak_flops():
+    """The current GPU's dense bf16 peak, or None (CPU, or a GPU not in the table)."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for model_name, flops in PEAK_BF16_FLOPS.items():
+        if model_name in name:
+            return flops
+    return None
+
+
+def use_liger(model):
+    """Liger Kernel's fused linear cross-entropy, RMSNorm, RoPE and SwiGLU for the model's family, where it has them."""
+    if not (torch.cuda.is_available() and setting("TUNEDECK_LIGER")):
+        return False
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        return False
+    _apply_liger_kernel_to_instance(model=model)
+    return True
+
+
+def compile_in_place(model):
+    """torch.compile the model's forward and backward: a few hundred fused kernels instead of thousands.
+
+    In place (nn.Module.compile), so state dicts, peft and accelerate see the same module.
+    Packed rows change length every step; after the second length torch compiles one
+    graph for all lengths (automatic dynamic shapes).
+    """
+    if torch.cuda.is_available() and setting("TUNEDECK_COMPILE"):
+        model.compile()
+        return True
+    return False
