@@ -1,7 +1,7 @@
 """Training speed (issue 7): the TuneDeck engine against transformers.Trainer + peft, on the same GPU run.
 
     python bench/train_speed.py [--out DIR] [--modes lora full qlora] [--reps 3] [--steps 30] [--warmup 5]
-                                [--profile]
+                                [--profile] [--shape llama-1b|llama-8b] [--batch-size 8] [--gpus 1 2] [--no-baseline]
 
 The workload is issue 7's: a Llama-3.2-1B-shaped model (hidden 2048, 16 layers, 32 heads,
 8 KV heads, FFN 8192, vocabulary 128256, tied embeddings) with random bf16 weights, and
@@ -30,6 +30,9 @@ shows the median over repetitions and the spread (min-max). MFU counts 4·N FLOP
 for LoRA/QLoRA (forward, and the backward to activations only) and 6·N for full fine-tuning,
 N = the matmul parameters including the LM head, against 989 TFLOP/s (H100 dense bf16).
 --profile adds a torch.profiler breakdown of the engine's LoRA step by kernel kind.
+Both sides record every step's loss; the JSON compares the curves (same seed, same batches).
+--gpus 1 2 runs our side on 1 and on 2 GPUs (`accelerate launch`, DDP: each GPU its own
+batches of --batch-size rows), for the multi-GPU scaling; --no-baseline skips the baseline.
 Writes OUT/train_speed.json (rewritten after every repetition) and prints a table last.
 """
 
@@ -51,6 +54,8 @@ sys.path.insert(0, str(ROOT))
 SHAPES = {
     "llama-1b": (dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                       num_key_value_heads=8, tie_word_embeddings=True, max_position_embeddings=4096), 128256),
+    "llama-8b": (dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, tie_word_embeddings=False, max_position_embeddings=4096), 128256),
     # For a quick run of the harness on a CPU; its figures mean nothing.
     "tiny": (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=1024), 1024),
@@ -107,7 +112,7 @@ def engine_method(mode):
     return {"type": mode, **LORA, "target_modules": "all_linear"}
 
 
-def run_engine(mode, workdir, model_path, dataset_path, rows, steps, rep):
+def run_engine(mode, workdir, model_path, dataset_path, rows, steps, rep, gpus=1):
     from jobs.spec import JobSpec, TrainingRun
 
     spec = JobSpec(
@@ -116,12 +121,16 @@ def run_engine(mode, workdir, model_path, dataset_path, rows, steps, rep):
                          "eval_fraction": 0, "checkpoint_every": 1_000_000, "learning_rate": 1e-4,
                          "seed": TRAIN_SEED},
     )
-    run_dir = workdir / f"engine-{mode}-{rep}"
+    run_dir = workdir / f"engine-{mode}-{rep}-{gpus}gpu"
     run_dir.mkdir(parents=True)
     run = TrainingRun(spec=spec, model_path=str(model_path), dataset_path=str(dataset_path), dataset_format="text")
     (run_dir / "spec.json").write_text(run.model_dump_json())
     started = time.perf_counter()
-    process = subprocess.run([sys.executable, "-m", "workers.training", str(run_dir / "spec.json"), str(run_dir / "out")],
+    launcher = [sys.executable]
+    if gpus > 1:  # as the worker launches a job that asks for several GPUs
+        launcher += ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(gpus),
+                     "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    process = subprocess.run(launcher + ["-m", "workers.training", str(run_dir / "spec.json"), str(run_dir / "out")],
                              capture_output=True, text=True, cwd=ROOT)
     steps_seen, error, previous_seen = [], None, 0
     for line in process.stdout.splitlines():
@@ -174,13 +183,17 @@ def baseline_worker(job):
         model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
 
-    step_ends = []
+    step_ends, losses = [], []
 
     class StepTimer(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if on_gpu:
                 torch.cuda.synchronize()
             step_ends.append(time.perf_counter())
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                losses.append(logs["loss"])
 
     class SameOrderTrainer(Trainer):
         # The one departure from the docs: the rows in the engine's order, so both sides train on the same batches.
@@ -189,7 +202,7 @@ def baseline_worker(job):
 
     arguments = TrainingArguments(
         output_dir=job["outdir"], per_device_train_batch_size=BATCH_SIZE, max_steps=job["steps"], learning_rate=1e-4,
-        bf16=on_gpu, logging_steps=10_000, save_strategy="no", report_to="none", seed=TRAIN_SEED,
+        bf16=on_gpu, logging_steps=1, save_strategy="no", report_to="none", seed=TRAIN_SEED,
         use_cpu=not on_gpu,
     )
     trainer = SameOrderTrainer(model=model, args=arguments, train_dataset=train_dataset,
@@ -201,15 +214,15 @@ def baseline_worker(job):
     trainer.train()
     real = [len(row["input_ids"]) for row in train_dataset]
     times = [end - begin for begin, end in zip([start] + step_ends[:-1], step_ends)]
-    steps = [{"tokens": sum(real[i * BATCH_SIZE:(i + 1) * BATCH_SIZE]), "seconds": seconds}
-             for i, seconds in enumerate(times)]
+    steps = [{"tokens": sum(real[i * BATCH_SIZE:(i + 1) * BATCH_SIZE]), "seconds": seconds, "loss": loss}
+             for i, (seconds, loss) in enumerate(zip(times, losses))]
     peak = torch.cuda.max_memory_allocated() / 2**20 if on_gpu else None
     print("RESULT " + json.dumps({"steps": steps, "peak_mb": peak}), flush=True)
 
 
 def run_baseline(mode, workdir, model_path, dataset_path, order, steps, rep):
     job = {"mode": mode, "model_path": str(model_path), "dataset_path": str(dataset_path), "order": order,
-           "steps": steps, "outdir": str(workdir / f"baseline-{mode}-{rep}")}
+           "steps": steps, "outdir": str(workdir / f"baseline-{mode}-{rep}"), "batch_size": BATCH_SIZE}
     job_path = workdir / f"baseline-{mode}-{rep}.json"
     job_path.write_text(json.dumps(job))
     started = time.perf_counter()
@@ -316,17 +329,38 @@ def summarise(repetition, warmup, flops_per_token):
 
 
 def summarise_mode(figures):
-    for side in ("ours", "baseline"):
+    for side in [key for key in figures if key.startswith("ours") or key == "baseline"]:
+        if key_is_summary(side):
+            continue
         good = [r for r in figures[side] if "error" not in r]
         if good:
             figures[side + "_summary"] = {key: median_and_spread([r[key] for r in good])
                                           for key in ("tokens_per_sec", "tokens_per_sec_overall", "step_ms_median",
                                                       "mfu_percent", "peak_mb")
                                           if good[0][key] is not None}
-    pairs = [(o["tokens_per_sec"], b["tokens_per_sec"]) for o, b in zip(figures["ours"], figures["baseline"])
+    pairs = [(o["tokens_per_sec"], b["tokens_per_sec"]) for o, b in zip(figures.get("ours", []), figures["baseline"])
              if "error" not in o and "error" not in b]
     if pairs:
         figures["ratio_ours_over_baseline"] = median_and_spread([o / b for o, b in pairs])
+    for side in [key for key in figures if key.startswith("ours_") and key.endswith("gpu")]:
+        pairs = [(o["tokens_per_sec"], b["tokens_per_sec"]) for o, b in zip(figures[side], figures.get("ours", []))
+                 if "error" not in o and "error" not in b]
+        if pairs:
+            figures[f"ratio_{side}_over_ours"] = median_and_spread([o / b for o, b in pairs])
+
+
+def compare_losses(figures):
+    """The loss curves of both sides, step by step: the same batches in the same order, each side its own init draws."""
+    ours = next((r["losses"] for r in figures.get("ours", []) if "losses" in r), None)
+    baseline = next((r["losses"] for r in figures["baseline"] if "losses" in r), None)
+    if ours and baseline:
+        differences = [abs(a - b) for a, b in zip(ours, baseline)]
+        figures["loss_curves"] = {"ours": ours, "baseline": baseline, "max_abs_difference": max(differences),
+                                  "mean_abs_difference": statistics.mean(differences)}
+
+
+def key_is_summary(key):
+    return key.endswith("_summary")
 
 
 def median_and_spread(values):
@@ -343,12 +377,19 @@ def main():
     parser.add_argument("--warmup", type=int, default=5, help="steps dropped at the start of each repetition")
     parser.add_argument("--shape", default="llama-1b", choices=list(SHAPES))
     parser.add_argument("--profile", action="store_true", help="also profile the engine's LoRA step")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="rows per optimizer step (per GPU)")
+    parser.add_argument("--gpus", type=int, nargs="*", default=[1], help="GPU counts to run our side on")
+    parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--model-dir", type=Path, help="build the random model here, or reuse the one already there")
     parser.add_argument("--table-from", type=Path, help="summarise a results JSON (of a run cut short) and print its table")
     parser.add_argument("--baseline-worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--profile-worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.baseline_worker:
-        return baseline_worker(json.loads(args.baseline_worker.read_text()))
+        job = json.loads(args.baseline_worker.read_text())
+        global BATCH_SIZE
+        BATCH_SIZE = job["batch_size"]
+        return baseline_worker(job)
     if args.profile_worker:
         return profile_worker(json.loads(args.profile_worker.read_text()))
     if args.table_from:
@@ -362,14 +403,17 @@ def main():
 
     from workers.training.tiny_model import build_random_llama
 
+    global BATCH_SIZE
+    BATCH_SIZE = args.batch_size
+
     args.out.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="train-speed-"))
     shape, vocab = SHAPES[args.shape]
-    model_path = build_random_llama(workdir / "model", shape, dtype=torch.bfloat16, vocab_size=vocab)
+    model_path = build_random_llama(args.model_dir or workdir / "model", shape, dtype=torch.bfloat16, vocab_size=vocab)
     plans = [(mode, int(reps or args.reps), int(steps or args.steps))
              for mode, reps, steps in ((text.split(":") + [None, None])[:3] for text in args.modes)]
     total_steps = args.warmup + max(steps for _, _, steps in plans)
-    rows = BATCH_SIZE * total_steps
+    rows = BATCH_SIZE * total_steps * max(args.gpus)
     lengths = sequence_lengths(rows)
     dataset_path = workdir / "data.jsonl"
     write_dataset(dataset_path, lengths)
@@ -381,6 +425,7 @@ def main():
         "command": " ".join([Path(sys.executable).name] + sys.argv),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "versions": versions(), "shape": args.shape, "matmul_parameters": n, "batch_size": BATCH_SIZE,
+        "gpus": args.gpus,
         "warmup_steps": args.warmup,
         "data": {"rows": rows, "median_length": statistics.median(lengths), "mean_length": statistics.mean(lengths),
                  "real_tokens_per_padded_token": sum(lengths) / sum(max(b) * len(b) for b in batches)},
@@ -394,22 +439,29 @@ def main():
     for mode, reps, steps in plans:
         flops_per_token = (6 if mode == "full" else 4) * n
         figures = results["modes"][mode] = {"repetitions": reps, "measured_steps": steps, "ours": [], "baseline": []}
+        sides = [] if args.no_baseline else [("baseline", 1)]
+        sides += [("ours" if gpus == 1 else f"ours_{gpus}gpu", gpus) for gpus in args.gpus]
         for rep in range(reps):
-            for side, runner in (("baseline", run_baseline), ("ours", run_engine)):
-                raw = runner(mode, workdir, model_path, dataset_path, order if side == "baseline" else rows,
-                             args.warmup + steps, rep)
+            for side, gpus in sides:
+                if side == "baseline":
+                    raw = run_baseline(mode, workdir, model_path, dataset_path, order, args.warmup + steps, rep)
+                else:
+                    raw = run_engine(mode, workdir, model_path, dataset_path, rows, args.warmup + steps, rep, gpus)
                 if "steps" in raw:
                     got = [s["tokens"] for s in raw["steps"]]
-                    expected = [sum(batch) for batch in batches[:args.warmup + steps]]
+                    expected = [sum(sum(batch) for batch in batches[gpus * i:gpus * (i + 1)])
+                                for i in range(args.warmup + steps)]
+                    # Several GPUs take their batches in turns (accelerate's sharding): the same sums per step.
                     if got != expected:
                         raw = {"error": f"{side} trained on other batches than planned: {got[:5]} vs {expected[:5]}"}
-                summary = summarise(raw, args.warmup, flops_per_token)
-                if side == "ours" and "steps" in raw:
+                summary = summarise(raw, args.warmup, flops_per_token / gpus)
+                if "steps" in raw:
                     summary["losses"] = [round(s["loss"], 4) for s in raw["steps"]]
-                figures[side].append(summary)
+                figures.setdefault(side, []).append(summary)
                 print(json.dumps({"mode": mode, "side": side, "rep": rep, **summary})[:1500], flush=True)
                 save()
         summarise_mode(figures)
+        compare_losses(figures)
         save()
         if args.profile and mode == plans[0][0]:  # early, so that a run cut short still has it
             results["engine_lora_profile"] = run_profile(workdir, model_path, dataset_path)
@@ -439,7 +491,7 @@ def print_table(results):
             print(f"  {kind:28} {percent:5.1f}%")
     print(f"\n{'mode':6} {'side':9} {'real tokens/s':>22} {'overall':>8} {'step ms':>8} {'MFU':>6} {'peak MiB':>9} {'ours/baseline':>20}")
     for mode, figures in results["modes"].items():
-        for side in ("baseline", "ours"):
+        for side in [key for key in figures if (key == "baseline" or key.startswith("ours")) and not key_is_summary(key)]:
             summary = figures.get(side + "_summary")
             if not summary:
                 errors = [r["error"] for r in figures[side] if "error" in r]
@@ -447,11 +499,16 @@ def print_table(results):
                 continue
             tps = summary["tokens_per_sec"]
             peak = summary.get("peak_mb", {}).get("median")
-            ratio = figures.get("ratio_ours_over_baseline") if side == "ours" else None
+            ratio = figures.get("ratio_ours_over_baseline" if side == "ours" else f"ratio_{side}_over_ours")
             print(f"{mode:6} {side:9} {tps['median']:>9,.0f} ({tps['min']:,.0f}-{tps['max']:,.0f}) "
                   f"{summary['tokens_per_sec_overall']['median']:8,.0f} {summary['step_ms_median']['median']:8.0f} {summary['mfu_percent']['median']:5.1f}% "
                   f"{peak if peak is None else f'{peak:9,.0f}'} "
                   + (f"{ratio['median']:6.2f}× ({ratio['min']:.2f}-{ratio['max']:.2f})" if ratio else ""))
+        curves = figures.get("loss_curves")
+        if curves:
+            print(f"{mode:6} loss curves, step by step: mean |ours - baseline| {curves['mean_abs_difference']:.4f}, "
+                  f"max {curves['max_abs_difference']:.4f}; first {curves['ours'][0]:.3f} vs {curves['baseline'][0]:.3f}, "
+                  f"last {curves['ours'][-1]:.3f} vs {curves['baseline'][-1]:.3f}")
 
 
 if __name__ == "__main__":
