@@ -17,7 +17,8 @@ RUN case "$TORCH_VARIANT" in \
 WORKDIR /app
 COPY . .
 # torch is already there, so the project's torch range is met and pip does not fetch another build.
-RUN pip install --no-cache-dir -e .
+# The CUDA image adds the GPU extra (Liger Kernel); the CPU image has no use for it.
+RUN if [ "$TORCH_VARIANT" = cuda ]; then pip install --no-cache-dir -e ".[gpu]"; else pip install --no-cache-dir -e .; fi
 
 # Static files live in the image, not in the data volume, so a new image never serves old ones.
 ENV PYTHONUNBUFFERED=1 \
