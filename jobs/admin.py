@@ -63,7 +63,7 @@ class JobAdmin(admin.ModelAdmin):
 
 @admin.register(Metric)
 class MetricAdmin(admin.ModelAdmin):
-    list_display = ["job", "step", "train_loss", "eval_loss", "tokens_per_sec"]
+    list_display = ["job", "step", "train_loss", "eval_loss", "tokens_per_sec", "mfu"]
     list_filter = ["job"]
 
 
@@ -74,7 +74,7 @@ class ArtifactAdmin(admin.ModelAdmin):
 
 @admin.register(Worker)
 class WorkerAdmin(admin.ModelAdmin):
-    list_display = ["hostname", "accelerator", "is_online", "last_heartbeat", "current_job"]
+    list_display = ["hostname", "accelerator", "gpu_count", "is_online", "last_heartbeat", "current_job"]
 
 
 @admin.register(Checkpoint)

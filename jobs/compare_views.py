@@ -22,7 +22,7 @@ from django.urls import path, reverse
 from .charts import MAX_POINTS_PER_LINE, SERIES_COLOURS, overlay_chart
 from .models import Job, Metric
 from .teams import visible
-from .templatetags.tunedeck import short_duration
+from .templatetags.tunedeck import percent, short_duration
 
 
 LARGEST_ID = 2**63 - 1  # a BigAutoField's; a larger number would fail in the database, not just match nothing
@@ -98,6 +98,7 @@ MEASUREMENTS = [
     Measurement("wall_time_s", "Wall time", lambda job: job.wall_time_s,
                 lambda seconds: short_duration(timedelta(seconds=seconds)), "lower"),
     Measurement("tokens_per_sec", "Tokens/s", lambda job: job.tokens_per_sec, _number(0), "higher"),
+    Measurement("mfu", "MFU (share of the GPUs' bf16 peak)", lambda job: job.mfu, percent, "higher"),
     Measurement("train_loss", "Final train loss", lambda job: job.train_loss, _number(4), "lower"),
     Measurement("eval_loss", "Eval loss", lambda job: job.eval_loss, _number(4), "lower"),
     Measurement("eval_accuracy", "Eval accuracy", lambda job: job.eval_accuracy, _number(3), "higher"),

@@ -5,7 +5,7 @@ from pydantic import ValidationError
 
 from . import datasets
 from .models import BaseModel, Dataset, Membership, Team
-from .spec import CANNOT_MERGE_REASONS, METHOD_LABELS, AdapterConfig, JobSpec, LoraConfig, QLoraConfig
+from .spec import CANNOT_MERGE_REASONS, MAX_GPUS, METHOD_LABELS, AdapterConfig, JobSpec, LoraConfig, QLoraConfig
 from .submission import SubmissionError, check_against_catalogue
 from .uploads import store_dataset
 
@@ -124,6 +124,12 @@ class JobForm(forms.Form):
     gradient_checkpointing = forms.BooleanField(
         required=False, help_text="recompute activations in the backward pass: much less memory, about a third slower")
 
+    # Resources
+    gpus = forms.IntegerField(
+        initial=1, required=False, label="GPUs",
+        widget=forms.NumberInput(attrs={"min": 1, "max": MAX_GPUS, "step": 1, "class": "small-number"}),
+        help_text="more than one trains data-parallel on one worker with that many GPUs")
+
     HYPERPARAMETERS = (
         "epochs", "max_steps", "batch_size", "learning_rate", "max_seq_length",
         "warmup_steps", "eval_fraction", "checkpoint_every", "seed", "gradient_checkpointing",
@@ -175,6 +181,7 @@ class JobForm(forms.Form):
             "method": self.method_data(),
             "hyperparameters": {name: data.get(name) for name in self.HYPERPARAMETERS if data.get(name) is not None},
             "export_merged": data.get("export_merged", False),
+            "gpus": data["gpus"] if data.get("gpus") is not None else 1,
         }
 
     def _field_for(self, name):

@@ -29,6 +29,7 @@ class TuneDeckCollector:
         yield from self.queue_depth()
         yield from self.workers()
         yield self.running_job_throughput()
+        yield self.running_job_mfu()
 
     def jobs_by_state(self):
         family = GaugeMetricFamily("tunedeck_jobs", "Jobs in each state", labels=["state"])
@@ -77,6 +78,16 @@ class TuneDeckCollector:
         running = Job.objects.filter(status=Job.Status.RUNNING, tokens_per_sec__isnull=False)
         for job_id, team, worker, tokens_per_sec in running.values_list("pk", "team__name", "worker__hostname", "tokens_per_sec"):
             family.add_metric([str(job_id), team, worker or ""], tokens_per_sec)
+        return family
+
+    def running_job_mfu(self):
+        family = GaugeMetricFamily(
+            "tunedeck_job_mfu_ratio", "Model FLOPs utilisation (0-1 of the GPUs' dense bf16 peak) of each running job",
+            labels=["job", "team", "worker"],
+        )
+        running = Job.objects.filter(status=Job.Status.RUNNING, mfu__isnull=False)
+        for job_id, team, worker, mfu in running.values_list("pk", "team__name", "worker__hostname", "mfu"):
+            family.add_metric([str(job_id), team, worker or ""], mfu)
         return family
 
 

@@ -18,6 +18,7 @@ MEASUREMENTS = {
     "total_params": "parameters in all",
     "tokens_seen": "tokens trained on",
     "tokens_per_sec": "tokens per second",
+    "mfu": "model FLOPs utilisation (share of the GPUs' dense bf16 peak)",
     "peak_memory_mb": "peak memory (MiB)",
     "wall_time_s": "wall time (s)",
     "latency_ms": "inference latency, ms per batch",

@@ -159,6 +159,8 @@ class Job(models.Model):
     total_steps = models.IntegerField(null=True, blank=True)
     tokens_seen = models.BigIntegerField(default=0)
     tokens_per_sec = models.FloatField(null=True, blank=True)
+    # Model FLOPs utilisation, 0-1 of the GPUs' dense bf16 peak: live while running, the whole run's when finished.
+    mfu = models.FloatField(null=True, blank=True)
     train_loss = models.FloatField(null=True, blank=True)
     eval_loss = models.FloatField(null=True, blank=True)
     eval_accuracy = models.FloatField(null=True, blank=True)
@@ -321,6 +323,7 @@ class Metric(models.Model):
     eval_accuracy = models.FloatField(null=True)
     learning_rate = models.FloatField(null=True)
     tokens_per_sec = models.FloatField(null=True)
+    mfu = models.FloatField(null=True)  # null on a CPU or a GPU whose peak the engine does not know
     tokens_seen = models.BigIntegerField(null=True)
     gpu_memory_mb = models.FloatField(null=True)
     cpu_memory_mb = models.FloatField(null=True)
@@ -364,6 +367,8 @@ class Worker(models.Model):
     current_job = models.ForeignKey(Job, on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
     # Read through NVML; empty on a CPU-only worker.
     gpu_name = models.CharField(max_length=255, blank=True)
+    # The GPUs this worker owns (NVML's count, within CUDA_VISIBLE_DEVICES); a multi-GPU job needs as many.
+    gpu_count = models.PositiveSmallIntegerField(default=0)
     gpu_memory_total_mb = models.IntegerField(null=True, blank=True)
     gpu_memory_used_mb = models.IntegerField(null=True, blank=True)
     gpu_utilisation_percent = models.IntegerField(null=True, blank=True)
@@ -385,6 +390,11 @@ class Worker(models.Model):
     @property
     def device(self):
         return "cuda" if self.gpu_memory_total_mb else "cpu"
+
+    @property
+    def gpu_slots(self):
+        """The most GPUs a job may ask for here: a CPU-only worker runs a one-GPU job on its CPU, as it always has."""
+        return max(1, self.gpu_count)
 
     @property
     def capacity_mb(self):

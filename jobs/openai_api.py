@@ -16,7 +16,9 @@ have OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 - Extra body fields: `adapter` is the PEFT method, a JobSpec method section
   ({"type": "lora"|"qlora"|"dora"|"adapter"|"ia3"|"prefix"|"prompt"|"full", ...}),
   LoRA by default; `extra_hyperparameters` holds JobSpec hyperparameters that
-  OpenAI has no name for (max_steps, max_seq_length, checkpoint_every, ...).
+  OpenAI has no name for (max_steps, max_seq_length, checkpoint_every, ...);
+  `gpus` is the JobSpec's GPU count (1 by default, up to 8 on one worker).
+  With the `openai` client: `extra_body={"adapter": {...}, "gpus": 2}`.
 - Pause stops a running job after its current step, at a checkpoint (a queued
   job pauses at once); resume queues it again and a worker continues from that
   checkpoint, with the optimizer, scheduler, RNG and data position it had.
@@ -220,7 +222,8 @@ class Method(Schema):
 
 
 class CreateJob(Schema):
-    """The body of POST /v1/fine_tuning/jobs: OpenAI's fields plus TuneDeck's `adapter` and `extra_hyperparameters`."""
+    """The body of POST /v1/fine_tuning/jobs: OpenAI's fields plus TuneDeck's `adapter`, `extra_hyperparameters`
+    and `gpus`."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -234,6 +237,7 @@ class CreateJob(Schema):
     metadata: dict[str, str] | None = None  # accepted for compatibility; TuneDeck does not store it
     adapter: dict = {}
     extra_hyperparameters: dict = {}
+    gpus: int = 1  # checked, with its range, by the JobSpec
 
     # The model name is looked up and the suffix stored before the JobSpec checks its own text.
     _storable_text = field_validator("*")(refuse_unstorable_text)
@@ -295,6 +299,7 @@ def spec_from_request(body):
         "validation_dataset": file_pk(body.validation_file, "validation_file") if body.validation_file else None,
         "method": body.adapter or {"type": "lora"},
         "hyperparameters": hyperparameters,
+        "gpus": body.gpus,
     })
 
 
@@ -332,6 +337,7 @@ def job_object(job):
         "hyperparameters": hyperparameters,
         "method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
         "adapter": spec.method.model_dump(mode="json"),
+        "gpus": spec.gpus,
         "model": job.base_model.name,
         "organization_id": job.team.name,
         # Adapters download through the web app; they are not files of the Files API.

@@ -1,12 +1,15 @@
-"""Where a job goes: its memory estimate against the workers' memory, before it is queued.
+"""Where a job goes: its GPU count and memory estimate against the workers', before it is queued.
 
-A job is refused at submission when no known worker (online or not: an offline
-one may come back) could hold it. Otherwise it goes to the queue whose online
-workers all fit it, preferring the queue with the most such workers, then the
-one with the smallest memory, so large GPUs stay free for the jobs that need
-them. When every queue mixes workers that fit and workers that do not, the job
-goes to the queue of the largest fitting worker, and a worker too small for it
-hands the message back (workers.tasks.run_job).
+A worker fits a job when it owns as many GPUs as the job asks for (a CPU-only
+worker counts as one: it runs one-GPU jobs on its CPU) and each GPU holds the
+estimate. A job is refused at submission when no known worker (online or not:
+an offline one may come back) could hold it. Otherwise it goes to the queue
+whose online workers all fit it, preferring the queue whose workers have the
+fewest GPUs, then the most such workers, then the smallest memory, so large
+GPUs and multi-GPU workers stay free for the jobs that need them. When every
+queue mixes workers that fit and workers that do not, the job goes to the
+queue of the largest fitting worker, and a worker too small for it hands the
+message back (workers.tasks.run_job).
 """
 
 from dataclasses import dataclass
@@ -27,53 +30,86 @@ class Placement:
 
 
 class WontFit(Exception):
-    def __init__(self, estimate, largest_worker):
+    def __init__(self, estimate, largest_worker, gpus=1):
         self.estimate = estimate
         self.largest_worker = largest_worker
-        super().__init__(describe_refusal(estimate, largest_worker))
+        super().__init__(describe_refusal(estimate, largest_worker, gpus))
+
+
+class TooFewGpus(WontFit):
+    def __init__(self, gpus, largest_worker):
+        self.gpus = gpus
+        self.estimate = None
+        self.largest_worker = largest_worker
+        Exception.__init__(self, describe_gpu_refusal(gpus, largest_worker))
 
 
 def estimate_for(base_model, spec, device="cuda"):
     return estimate_peak_memory(base_model.architecture_info, spec, device)
 
 
-def fits(worker, base_model, spec):
+def has_gpus_for(worker, spec):
+    return worker.gpu_slots >= spec.gpus
+
+
+def fits_in_memory(worker, base_model, spec):
     estimate = estimate_for(base_model, spec, worker.device)
     return estimate is None or estimate.fits(worker.capacity_mb)
 
 
+def fits(worker, base_model, spec):
+    return has_gpus_for(worker, spec) and fits_in_memory(worker, base_model, spec)
+
+
 def place(base_model, spec):
-    """Placement for a job, or WontFit when no worker could ever hold it."""
+    """Placement for a job, or WontFit (TooFewGpus for the GPU count) when no worker could ever hold it."""
     estimate = estimate_for(base_model, spec)
     workers = [worker for worker in Worker.objects.all() if worker.capacity_mb]
-    if estimate is None or not workers:
+    if not workers:
+        return Placement(DEFAULT_QUEUE, estimate, 0, 0)
+    with_gpus = [worker for worker in workers if has_gpus_for(worker, spec)]
+    if not with_gpus:
+        raise TooFewGpus(spec.gpus, max(workers, key=lambda worker: worker.gpu_slots))
+    if estimate is None and spec.gpus == 1:
         return Placement(DEFAULT_QUEUE, estimate, 0, len(workers))
-    fitting = [worker for worker in workers if fits(worker, base_model, spec)]
+    fitting = [worker for worker in with_gpus if fits_in_memory(worker, base_model, spec)]
     if not fitting:
-        largest = max(workers, key=lambda worker: worker.capacity_mb)
-        raise WontFit(estimate_for(base_model, spec, largest.device), largest)
+        largest = max(with_gpus, key=lambda worker: worker.capacity_mb)
+        raise WontFit(estimate_for(base_model, spec, largest.device), largest, spec.gpus)
 
     candidates = []
     for queue in sorted({name for worker in workers for name in worker.queue_names}):
         serving = [worker for worker in workers if queue in worker.queue_names]
         online = [worker for worker in serving if worker.is_online] or serving
         if all(worker in fitting for worker in online):
-            candidates.append((-len(online), min(worker.capacity_mb for worker in online), queue))
+            candidates.append((
+                max(worker.gpu_slots for worker in online), -len(online),
+                min(worker.capacity_mb for worker in online), queue,
+            ))
     if candidates:
-        queue = min(candidates)[2]
+        queue = min(candidates)[-1]
     else:
         queue = max(fitting, key=lambda worker: worker.capacity_mb).queue_names[0]
     return Placement(queue, estimate, len(fitting), len(workers))
 
 
-def describe_refusal(estimate, largest_worker):
+def describe_refusal(estimate, largest_worker, gpus=1):
     device = "GPU" if largest_worker.device == "cuda" else "host"
+    largest = "the largest worker" if gpus == 1 else f"the largest worker with {gpus} GPUs"
     return (
         f"this job needs about {gigabytes(estimate.needed_on_card_mb())} of {'GPU ' if estimate.device == 'cuda' else ''}memory "
-        f"({describe_parts(estimate)}), and the largest worker, {largest_worker.hostname}, has "
+        f"({describe_parts(estimate)}), and {largest}, {largest_worker.hostname}, has "
         f"{gigabytes(largest_worker.capacity_mb)} ({device}); try QLoRA, a smaller batch_size or "
         "max_seq_length, or fewer target modules"
     )
+
+
+def describe_gpu_refusal(gpus, largest_worker):
+    if largest_worker.gpu_count == 0:
+        has = f"no GPU ({largest_worker.hostname} trains on its CPU, one process)"
+    else:
+        has = f"{largest_worker.gpu_count} ({largest_worker.hostname})"
+    return f"this job asks for {gpus} GPUs; the largest worker here has {has}; ask for at most {largest_worker.gpu_slots}"
 
 
 def describe_parts(estimate):

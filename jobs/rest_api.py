@@ -128,6 +128,9 @@ class JobOut(Schema):
     total_params: int | None
     estimated_memory_mb: int | None = Field(description="peak GPU memory expected at submission")
     peak_memory_mb: float | None
+    tokens_per_sec: float | None
+    mfu: float | None = Field(description="model FLOPs utilisation, 0-1 of the GPUs' dense bf16 peak; null on a CPU "
+                              "or a GPU of unknown peak")
     error_message: str
 
 
@@ -139,6 +142,7 @@ class MetricOut(Schema):
     eval_accuracy: float | None
     learning_rate: float | None
     tokens_per_sec: float | None
+    mfu: float | None
     tokens_seen: int | None
     gpu_memory_mb: float | None
     cpu_memory_mb: float | None
@@ -165,6 +169,7 @@ class WorkerOut(Schema):
     hostname: str
     queues: str
     accelerator: str
+    gpu_count: int = Field(description="GPUs this worker owns; 0 on a CPU-only worker")
     is_online: bool
     started_at: datetime
     last_heartbeat: datetime

@@ -11,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_val
 
 from .datasets import unstorable_text
 
+MAX_GPUS = 8  # one host's worth: a multi-GPU job runs on one worker
+
 Task = Literal["causal_lm_sft", "sequence_classification"]
 
 TASK_LABELS = {
@@ -196,6 +198,9 @@ class JobSpec(_Strict):
     method: Method = LoraConfig()
     hyperparameters: Hyperparameters = Hyperparameters()
     export_merged: bool = Field(False, description="also export a standalone model with the method merged in")
+    # Read by placement and the worker's runner (which launches the engine once per GPU under accelerate), never
+    # by the engine itself: each of its processes trains on the one GPU it is given.
+    gpus: int = Field(1, ge=1, le=MAX_GPUS, description=f"GPUs the job trains on at once (data parallel), 1 to {MAX_GPUS}")
 
     @model_validator(mode="after")
     def _reference_only_for_language_models(self):

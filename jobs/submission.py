@@ -5,7 +5,7 @@ from django.db import transaction
 
 from .datasets import FORMATS, KIND_OF_TASK
 from .models import BaseModel, Dataset, Job, JobEvent, Team
-from .placement import WontFit, gigabytes, place
+from .placement import TooFewGpus, WontFit, gigabytes, place
 from .spec import TASK_LABELS, JobSpec
 
 
@@ -123,6 +123,8 @@ def check_placement(base_model, spec):
     """The queue for the job and its memory estimate; refused when no worker could hold it."""
     try:
         return place(base_model, spec)
+    except TooFewGpus as refusal:
+        raise SubmissionError("gpus", str(refusal)) from None
     except WontFit as refusal:
         raise SubmissionError(None, str(refusal)) from None
 
@@ -151,10 +153,14 @@ def submit_job(team, user, spec: JobSpec, name=""):
             job=job,
             kind=JobEvent.Kind.STATUS,
             to_status=Job.Status.QUEUED,
-            message=f"queued by {user} on {placement.queue}{describe_fit(placement)}",
+            message=f"queued by {user} on {placement.queue}{describe_gpus(spec)}{describe_fit(placement)}",
         )
         transaction.on_commit(lambda: enqueue(job))
     return job
+
+
+def describe_gpus(spec):
+    return f" for {spec.gpus} GPUs" if spec.gpus > 1 else ""
 
 
 def describe_fit(placement):

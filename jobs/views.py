@@ -119,6 +119,8 @@ def job_estimate(request):
                 "total": placement.gigabytes(estimate.total_mb) if estimate else "",
                 "workers_known": len(workers),
                 "workers_that_fit": sum(placement.fits(worker, base_model, spec) for worker in workers),
+                "gpus": spec.gpus,
+                "workers_with_gpus": sum(placement.has_gpus_for(worker, spec) for worker in workers),
             }
     return render(request, "jobs/_memory_estimate.html", context)
 
@@ -206,8 +208,8 @@ def checkpoint_download(request, pk):
 
 
 METRIC_COLUMNS = (
-    "step", "epoch", "train_loss", "eval_loss", "eval_accuracy", "learning_rate", "tokens_per_sec", "tokens_seen",
-    "gpu_memory_mb", "cpu_memory_mb",
+    "step", "epoch", "train_loss", "eval_loss", "eval_accuracy", "learning_rate", "tokens_per_sec", "mfu",
+    "tokens_seen", "gpu_memory_mb", "cpu_memory_mb",
 )
 
 

@@ -28,6 +28,7 @@ def register(hostname, queues):
             "queues": ",".join(queues),
             "accelerator": gpu.get("gpu_name") or f"CPU ({os.cpu_count()} cores)",
             "gpu_name": gpu.get("gpu_name", ""),
+            "gpu_count": gpu.get("gpu_count", 0),
             "gpu_memory_total_mb": gpu.get("gpu_memory_total_mb"),
             "gpu_memory_used_mb": gpu.get("gpu_memory_used_mb"),
             "gpu_utilisation_percent": gpu.get("gpu_utilisation_percent"),

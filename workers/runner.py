@@ -3,6 +3,16 @@
 The trainer is a child process (`python -m workers.training SPEC OUTDIR`) so a
 crash, an out-of-memory or a cancel kills the child, never the worker, and the
 GPU memory is freed when it exits. It talks to us in JSON lines on its stdout.
+
+A job that asks for several GPUs runs the same engine under accelerate's
+launcher, one process per GPU (DDP) on this worker's first GPUs; only rank 0
+writes progress lines. The child runs in its own session and a cancel stops
+its process group; torch's launcher starts each rank in a session of its own,
+so the runner also keeps track of the processes under the child and stops
+them one by one. A pause is asked for with a file, OUTDIR/PAUSE, which every
+rank sees (a launcher would die of the SIGUSR1 that a lone trainer also
+gets); the engine then finishes its step, saves a checkpoint, prints "paused"
+and exits.
 """
 
 import hashlib
@@ -12,6 +22,7 @@ import os
 import queue
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +30,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import psutil
 from django.conf import settings
 from django.core.files import File
 from django.core.files.base import ContentFile
@@ -28,6 +40,7 @@ from jobs import lifecycle
 from jobs.model_card import model_card
 from jobs.models import Artifact, Checkpoint, Job, Metric
 from jobs.spec import JobSpec, TrainingRun
+from workers.gpu import devices_for_job
 from workers.training.__main__ import MEMORY_LIMIT_VARIABLE
 
 log = logging.getLogger(__name__)
@@ -37,8 +50,12 @@ STOP_GRACE_SECONDS = 10
 FINAL_MEASUREMENTS = (
     "train_loss", "eval_loss", "eval_accuracy", "eval_f1", "perplexity", "wall_time_s", "tokens_per_sec",
     "peak_memory_mb", "artifact_bytes", "latency_ms", "latency_merged_ms", "reference_loss_before",
-    "reference_loss_after",
+    "reference_loss_after", "mfu",
 )
+# The file in OUTDIR whose presence asks the engine to pause after its current step (every rank checks it).
+PAUSE_FILE = "PAUSE"
+# Set for every trainer child: our GPU hosts need NVLink multicast (NVLS) off in NCCL and torch's symmetric memory.
+MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 STDERR_TAIL_BYTES = 4000
 
 
@@ -84,29 +101,96 @@ def prepare_workdir(job):
     return workdir, spec_path
 
 
-def start_trainer(spec_path, outdir, stderr_file):
-    env = os.environ | {"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+def trainer_command(spec_path, outdir, gpus, port=None):
+    """The child's command line: the engine itself on one GPU, under accelerate's launcher (one process a GPU) on more."""
+    engine = ["-m", "workers.training", str(spec_path), str(outdir)]
+    if gpus == 1:
+        return [sys.executable, *engine]
+    launcher = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(gpus),
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    ]
+    if port is not None:
+        # Two workers of one host may each run a multi-GPU job: each needs its own rendezvous port.
+        launcher += ["--main_process_port", str(port)]
+    return launcher + engine
+
+
+def trainer_environment(gpus, environ=os.environ):
+    env = environ | {"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"} | MULTICAST_OFF
     if settings.TRAINER_MEMORY_LIMIT_MB:
         env[MEMORY_LIMIT_VARIABLE] = str(settings.TRAINER_MEMORY_LIMIT_MB)
+    if gpus > 1:
+        env["CUDA_VISIBLE_DEVICES"] = devices_for_job(gpus, environ)
+    return env
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_trainer(spec_path, outdir, stderr_file, gpus=1):
     return subprocess.Popen(
-        [sys.executable, "-m", "workers.training", str(spec_path), str(outdir)],
+        trainer_command(spec_path, outdir, gpus, port=free_port() if gpus > 1 else None),
         stdout=subprocess.PIPE,
         stderr=stderr_file,
         cwd=settings.BASE_DIR,
-        env=env,
-        start_new_session=True,  # its own process group, so a stop reaches its children too
+        env=trainer_environment(gpus),
+        start_new_session=True,  # its own process group, so a stop reaches its children (the ranks) too
     )
 
 
-def stop_trainer(process):
+def processes_under(process):
+    """Every process the trainer started, however deep; [] once it has exited (its children then belong to init)."""
     try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(STOP_GRACE_SECONDS)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        return psutil.Process(process.pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def signal_each(processes, signum):
+    for child in processes:
+        try:
+            child.send_signal(signum)  # psutil refuses a pid that now names another process
+        except psutil.Error:
+            pass
+
+
+def signal_group(process, signum):
+    try:
+        os.killpg(process.pid, signum)
     except ProcessLookupError:
         pass
+
+
+def stop_trainer(process, known=()):
+    """SIGTERM, then SIGKILL after a grace period, to the trainer's process group and to every process under it.
+
+    The group holds a lone trainer and whatever it starts; a launcher's ranks are in sessions of their
+    own (torch's launcher starts them so), so they are signalled one by one, `known` ones included:
+    those seen under the trainer earlier, should the launcher have died and left them to init.
+    """
+    deadline = time.monotonic() + STOP_GRACE_SECONDS
+    under = list({*known, *processes_under(process)})
+    signal_group(process, signal.SIGTERM)
+    signal_each(under, signal.SIGTERM)
+    try:
+        process.wait(STOP_GRACE_SECONDS)
+    except subprocess.TimeoutExpired:
+        signal_group(process, signal.SIGKILL)
+        process.wait()
+    _, alive = psutil.wait_procs(under, timeout=max(0, deadline - time.monotonic()))
+    signal_each(alive, signal.SIGKILL)
+
+
+def request_pause(process, outdir, gpus):
+    """Ask the trainer to pause after its current step: by the PAUSE file, and a lone trainer by SIGUSR1 too."""
+    (outdir / PAUSE_FILE).touch()
+    if gpus == 1:
+        # Signalled as it always was, so that a trainer that predates the file pauses too.
+        os.kill(process.pid, signal.SIGUSR1)
 
 
 def read_lines_into(stream, lines):
@@ -141,9 +225,10 @@ class ProgressReporter:
             )
             resumed_from = event.get("resumed_from_step")
             steps = f"steps {resumed_from + 1}–{event['total_steps']}" if resumed_from else f"{event['total_steps']} steps"
+            gpus = event.get("gpus") or 0
+            device = f"{gpus} × {event['device']}" if gpus > 1 else event["device"]
             lifecycle.log_event(
-                self.job,
-                f"training {event['train_rows']} rows ({event['eval_rows']} held out) for {steps} on {event['device']}",
+                self.job, f"training {event['train_rows']} rows ({event['eval_rows']} held out) for {steps} on {device}",
             )
         elif kind == "step":
             self.pending_metrics.append(
@@ -154,6 +239,7 @@ class ProgressReporter:
                     train_loss=event.get("train_loss"),
                     learning_rate=event.get("learning_rate"),
                     tokens_per_sec=event.get("tokens_per_sec"),
+                    mfu=event.get("mfu"),
                     tokens_seen=event.get("tokens_seen"),
                     gpu_memory_mb=event.get("gpu_memory_mb"),
                     cpu_memory_mb=event.get("cpu_memory_mb"),
@@ -163,6 +249,7 @@ class ProgressReporter:
                 step=event["step"],
                 train_loss=event.get("train_loss"),
                 tokens_per_sec=event.get("tokens_per_sec"),
+                mfu=event.get("mfu"),
                 tokens_seen=event.get("tokens_seen") or 0,
             )
         elif kind == "eval":
@@ -215,12 +302,14 @@ def run_claimed_job(job):
     claimed_by = job.worker_id
     workdir, spec_path = prepare_workdir(job)
     outdir = workdir / "out"
+    gpus = JobSpec.model_validate(job.spec).gpus
     reporter = ProgressReporter(job, workdir)
     cancelled = paused = False
     with open(workdir / "trainer.log", "wb") as stderr_file:
-        process = start_trainer(spec_path, outdir, stderr_file)
+        process = start_trainer(spec_path, outdir, stderr_file, gpus)
         lines = queue.Queue()
         threading.Thread(target=read_lines_into, args=(process.stdout, lines), daemon=True).start()
+        ranks = []  # a launcher's processes, as last seen: it may die before them
         next_report = time.monotonic() + settings.WORKER_REPORT_SECONDS
         while True:
             try:
@@ -237,16 +326,24 @@ def run_claimed_job(job):
             if time.monotonic() >= next_report:
                 reporter.flush()
                 next_report = time.monotonic() + settings.WORKER_REPORT_SECONDS
+                if gpus > 1:
+                    ranks = processes_under(process) or ranks
+                    if process.poll() is not None:
+                        # The launcher ends after its ranks; one still running is an orphan (its launcher was
+                        # killed) that would hold the pipe and its GPU. Its lines so far stay readable.
+                        signal_each([rank for rank in ranks if rank.is_running()], signal.SIGKILL)
                 requests = stop_requests(job)
                 if not cancelled and requests["cancel_requested_at"]:
                     cancelled = True
-                    stop_trainer(process)
+                    stop_trainer(process, ranks)
                 # Not before "started": until then the trainer may not yet handle the signal.
                 elif not paused and reporter.started and requests["pause_requested_at"]:
                     paused = True
                     # The trainer finishes its step, saves a checkpoint and exits on its own.
-                    os.kill(process.pid, signal.SIGUSR1)
+                    request_pause(process, outdir, gpus)
         returncode = process.wait()
+    # A rank still running after its launcher ended would keep its GPU's memory from the next job.
+    signal_each([rank for rank in ranks if rank.is_running()], signal.SIGKILL)
     reporter.flush()
     job.refresh_from_db()
     if job.status != Job.Status.RUNNING or job.worker_id != claimed_by:

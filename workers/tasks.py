@@ -70,13 +70,18 @@ def must_wait_for_quota(job_id):
 
 
 def too_small_for(job_id, worker):
-    """True when this worker lacks the memory the queued job needs; the message goes back for a larger one."""
+    """True when this worker lacks the GPUs or the memory the queued job needs; the message goes back for a larger one."""
     job = Job.objects.filter(pk=job_id, status=Job.Status.QUEUED).select_related("base_model").first()
-    if job is None or worker.capacity_mb is None:
+    if job is None:
         return False
-    if placement.fits(worker, job.base_model, JobSpec.model_validate(job.spec)):
+    spec = JobSpec.model_validate(job.spec)
+    if not placement.has_gpus_for(worker, spec):
+        note = (f"waiting: {worker.hostname} has {worker.gpu_count} GPU(s) and this job asks for {spec.gpus}; "
+                "left for a larger worker")
+    elif worker.capacity_mb is None or placement.fits_in_memory(worker, job.base_model, spec):
         return False
-    note = f"waiting: {worker.hostname} has too little memory for this job; left for a larger worker"
+    else:
+        note = f"waiting: {worker.hostname} has too little memory for this job; left for a larger worker"
     if not job.events.filter(message=note).exists():
         lifecycle.log_event(job, note)
     return True

@@ -18,3 +18,11 @@ def short_duration(value):
     if minutes:
         return f"{minutes} min {seconds:02d} s"
     return f"{seconds} s"
+
+
+@register.filter
+def percent(share):
+    """A fraction as a percentage: 0.412 -> '41%', 0.042 -> '4.2%' (a small share keeps a digit); '–' when unknown."""
+    if share is None or share == "":
+        return "–"
+    return f"{share:.1%}" if share < 0.1 else f"{share:.0%}"

@@ -64,3 +64,12 @@ def test_a_merged_export_is_refused_for_methods_that_cannot_merge():
         JobSpec.model_validate({"base_model": "m", "dataset": 1, "method": {"type": "adapter"}, "export_merged": True})
     spec = JobSpec.model_validate({"base_model": "m", "dataset": 1, "method": {"type": "ia3"}, "export_merged": True})
     assert spec.export_merged and spec.method.target_modules == "default"
+
+
+def test_gpus_is_a_top_level_count_from_one_to_eight():
+    assert JobSpec.model_validate({"base_model": "m", "dataset": 1}).gpus == 1
+    assert JobSpec.model_validate({"base_model": "m", "dataset": 1, "gpus": 8}).gpus == 8
+    for bad in (0, 9, -1, "two", 1.5):
+        assert error_fields({"base_model": "m", "dataset": 1, "gpus": bad}) == {"gpus"}
+    # Not a hyperparameter: the engine trains each process the same way, the launcher decides how many.
+    assert error_fields({"base_model": "m", "dataset": 1, "hyperparameters": {"gpus": 2}}) == {"hyperparameters.gpus"}

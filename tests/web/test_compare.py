@@ -19,17 +19,17 @@ from jobs.uploads import store_dataset
 # name -> (method section, measurements); chosen so that each measurement has a clear best.
 RUNS = {
     "lora-r8": ({"type": "lora", "r": 8}, dict(
-        trainable_params=1_000, peak_memory_mb=900, wall_time_s=60, tokens_per_sec=1_000, train_loss=1.2,
+        trainable_params=1_000, peak_memory_mb=900, wall_time_s=60, tokens_per_sec=1_000, mfu=0.31, train_loss=1.2,
         eval_loss=1.3, perplexity=3.67, artifact_bytes=40_000, latency_ms=10, latency_merged_ms=8,
         reference_loss_before=2.0, reference_loss_after=2.1,
     )),
     "lora-r16": ({"type": "lora", "r": 16}, dict(
-        trainable_params=2_000, peak_memory_mb=950, wall_time_s=65, tokens_per_sec=900, train_loss=1.1,
+        trainable_params=2_000, peak_memory_mb=950, wall_time_s=65, tokens_per_sec=900, mfu=0.28, train_loss=1.1,
         eval_loss=1.25, perplexity=3.49, artifact_bytes=80_000, latency_ms=10, latency_merged_ms=8.5,
         reference_loss_before=2.0, reference_loss_after=2.3,
     )),
     "adapters": ({"type": "adapter", "bottleneck_size": 16}, dict(
-        trainable_params=3_000, peak_memory_mb=1_100, wall_time_s=50, tokens_per_sec=1_200, train_loss=1.3,
+        trainable_params=3_000, peak_memory_mb=1_100, wall_time_s=50, tokens_per_sec=1_200, mfu=0.36, train_loss=1.3,
         eval_loss=1.4, perplexity=4.06, artifact_bytes=120_000, latency_ms=14,
     )),
 }
@@ -139,6 +139,8 @@ def test_the_best_run_is_marked_for_each_measurement(alice, runs):
     assert best_runs(rows, "Peak memory (MiB)") == ["lora-r8"]
     assert best_runs(rows, "Wall time") == ["adapters"]
     assert best_runs(rows, "Tokens/s") == ["adapters"]
+    assert best_runs(rows, "MFU (share of the GPUs' bf16 peak)") == ["adapters"]
+    assert [cell for cell, _ in rows["MFU (share of the GPUs' bf16 peak)"][1]] == ["31%", "28%", "36% ★"]
     assert best_runs(rows, "Final train loss") == ["lora-r16"]
     assert best_runs(rows, "Eval loss") == ["lora-r16"]
     assert best_runs(rows, "Perplexity") == ["lora-r16"]

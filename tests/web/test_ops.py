@@ -79,7 +79,7 @@ def jobs_in_every_state(team_user):
         return Job.objects.create(team=team, base_model=base, dataset=dataset, name=status, status=status, spec={}, **fields)
 
     job("queued"), job("queued"), job("failed")
-    running = job("running", worker=worker, tokens_per_sec=1234.5)
+    running = job("running", worker=worker, tokens_per_sec=1234.5, mfu=0.41)
     return running
 
 
@@ -98,12 +98,13 @@ def test_metrics_expose_jobs_workers_and_throughput_from_the_rows(broker, jobs_i
     assert values["tunedeck_worker_gpu_memory_total_bytes", gpu] == 81_559 * 1024 * 1024
     job = jobs_in_every_state
     assert values["tunedeck_job_tokens_per_second", (("job", str(job.pk)), ("team", "acme"), ("worker", "gpu0@metrics"))] == 1234.5
+    assert values["tunedeck_job_mfu_ratio", (("job", str(job.pk)), ("team", "acme"), ("worker", "gpu0@metrics"))] == 0.41
 
     # Read at scrape time: a job that finishes is counted as such on the next scrape.
     Job.objects.filter(pk=job.pk).update(status="succeeded")
     values = samples(Client().get("/metrics").content.decode())
     assert values["tunedeck_jobs", (("state", "running"),)] == 0 and values["tunedeck_jobs", (("state", "succeeded"),)] == 1
-    assert not any(name == "tunedeck_job_tokens_per_second" for name, _ in values)
+    assert not any(name in ("tunedeck_job_tokens_per_second", "tunedeck_job_mfu_ratio") for name, _ in values)
 
 
 def test_metrics_without_a_token_are_for_this_machine_only(db, broker):
