@@ -368,6 +368,7 @@ def median_and_spread(values):
 
 
 def main():
+    global BATCH_SIZE  # --batch-size, or the baseline worker's job, sets it for the whole run
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("bench/out"))
     parser.add_argument("--modes", nargs="*", default=["lora", "full", "qlora"],
@@ -387,7 +388,6 @@ def main():
     args = parser.parse_args()
     if args.baseline_worker:
         job = json.loads(args.baseline_worker.read_text())
-        global BATCH_SIZE
         BATCH_SIZE = job["batch_size"]
         return baseline_worker(job)
     if args.profile_worker:
@@ -403,7 +403,6 @@ def main():
 
     from workers.training.tiny_model import build_random_llama
 
-    global BATCH_SIZE
     BATCH_SIZE = args.batch_size
 
     args.out.mkdir(parents=True, exist_ok=True)

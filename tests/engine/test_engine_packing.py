@@ -17,7 +17,14 @@ from jobs.spec import (
     QLoraConfig,
 )
 from workers.training import speed
-from workers.training.data import IGNORE_INDEX, TokenizedExample, collate, collate_packed, real_tokens
+from workers.training.data import (
+    IGNORE_INDEX,
+    PACKED_LENGTH_MULTIPLE,
+    TokenizedExample,
+    collate,
+    collate_packed,
+    real_tokens,
+)
 from workers.training.methods import METHODS, lora
 
 PAD = 0
@@ -31,6 +38,13 @@ def examples(lengths, seed=0, vocab=250):
         ids = [rng.randrange(3, vocab) for _ in range(length)]
         rows.append(TokenizedExample(ids, [IGNORE_INDEX, IGNORE_INDEX] + ids[2:]))
     return rows
+
+
+def packed(rows):
+    """A packed batch as the model gets it: the loop takes the real token count out first."""
+    batch = collate_packed(rows, PAD)
+    real_tokens(batch)
+    return batch
 
 
 def loss_and_lora_gradients(model, batch):
@@ -54,14 +68,16 @@ def lora_llama(tiny_llama_path):
 
 def test_a_packed_batch_gives_the_padded_batchs_loss_and_gradients(lora_llama):
     batch_rows = examples([5, 17, 9, 30])
-    padded, packed = collate(batch_rows, PAD), collate_packed(batch_rows)
+    padded, one_row = collate(batch_rows, PAD), collate_packed(batch_rows, PAD)
 
-    assert packed["input_ids"].shape == (1, 5 + 17 + 9 + 30)  # no padding at all
-    assert int(real_tokens(packed)) == int(real_tokens(padded)) == 61
-    assert packed["position_ids"][0, :8].tolist() == [0, 1, 2, 3, 4, 0, 1, 2]
+    assert int(real_tokens(one_row)) == int(real_tokens(padded)) == 61
+    assert one_row["input_ids"].shape == (1, PACKED_LENGTH_MULTIPLE)  # 61 real tokens, then one padding sequence
+    assert one_row["position_ids"][0, :8].tolist() == [0, 1, 2, 3, 4, 0, 1, 2]
+    assert one_row["position_ids"][0, 61:64].tolist() == [0, 1, 2]
+    assert (one_row["labels"][0, 61:] == IGNORE_INDEX).all()
 
     padded_loss, padded_gradients = loss_and_lora_gradients(lora_llama, padded)
-    packed_loss, packed_gradients = loss_and_lora_gradients(lora_llama, packed)
+    packed_loss, packed_gradients = loss_and_lora_gradients(lora_llama, one_row)
     assert packed_loss == pytest.approx(padded_loss, rel=1e-5)
     assert packed_gradients.keys() == padded_gradients.keys()
     for name, gradient in padded_gradients.items():
@@ -73,17 +89,17 @@ def test_packed_sequences_do_not_attend_to_each_other(lora_llama):
     changed_first = examples([12], seed=99)[0]
     lora_llama.eval()
     with torch.no_grad():
-        logits = lora_llama(**collate_packed([first, second])).logits
-        logits_after_a_changed_neighbour = lora_llama(**collate_packed([changed_first, second])).logits
-        logits_alone = lora_llama(**collate_packed([second])).logits
+        logits = lora_llama(**packed([first, second])).logits
+        logits_after_a_changed_neighbour = lora_llama(**packed([changed_first, second])).logits
+        logits_alone = lora_llama(**packed([second])).logits
     assert not torch.allclose(logits[0, :12], logits_after_a_changed_neighbour[0, :12])
-    torch.testing.assert_close(logits[0, 12:], logits_after_a_changed_neighbour[0, 12:])
-    torch.testing.assert_close(logits[0, 12:], logits_alone[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logits[0, 12:32], logits_after_a_changed_neighbour[0, 12:32])
+    torch.testing.assert_close(logits[0, 12:32], logits_alone[0, :20], rtol=1e-4, atol=1e-5)
 
 
 def test_the_first_token_of_each_packed_sequence_is_not_a_target():
     rows = [TokenizedExample([5, 6, 7], [5, 6, 7]), TokenizedExample([8, 9], [8, 9])]
-    assert collate_packed(rows)["labels"][0].tolist() == [IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9]
+    assert collate_packed(rows, PAD)["labels"][0, :5].tolist() == [IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9]
 
 
 METHOD_CONFIGS = {
@@ -107,7 +123,7 @@ def test_every_frozen_base_method_trains_on_a_bf16_base(method_type, tiny_llama_
     model = method.apply(model, METHOD_CONFIGS[method_type], "causal_lm_sft", "llama")
     speed.trainable_in_float32(model)
     rows = examples([6, 11, 8])
-    batch = collate_packed(rows) if getattr(method, "PACKS_SEQUENCES", True) else collate(rows, PAD)
+    batch = packed(rows) if getattr(method, "PACKS_SEQUENCES", True) else collate(rows, PAD)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model(**batch).loss
     loss.backward()

@@ -161,34 +161,45 @@ def collate(examples, pad_token_id):
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def collate_packed(examples):
-    """The batch's sequences end to end in one row, with no padding: every position computed is a real token.
+PACKED_LENGTH_MULTIPLE = 256
+
+
+def collate_packed(examples, pad_token_id):
+    """The batch's sequences end to end in one row, padded only up to a multiple of 256 tokens.
 
     Position ids restart at 0 with each sequence; from them transformers builds an
     attention mask that keeps each sequence to itself (no attention mask may be
     given, or it would not look). The first token of a sequence is never a target:
     packed, it would be predicted from the end of the sequence before. The loss is
-    then the same mean over the same targets as the padded batch's.
+    then the same mean over the same targets as the padded batch's. The few pad
+    tokens at the end form one more sequence with no targets; they keep the number
+    of row lengths small, so a compiled step is captured for each length once.
     """
     input_ids, labels, position_ids = [], [], []
     for example in examples:
         input_ids += example.input_ids
         labels += [IGNORE_INDEX] + example.labels[1:]
         position_ids += range(len(example.input_ids))
+    real = len(input_ids)
+    padding = -real % PACKED_LENGTH_MULTIPLE
     return {
-        "input_ids": torch.tensor([input_ids]),
-        "position_ids": torch.tensor([position_ids]),
-        "labels": torch.tensor([labels]),
+        "input_ids": torch.tensor([input_ids + [pad_token_id] * padding]),
+        "position_ids": torch.tensor([position_ids + list(range(padding))]),
+        "labels": torch.tensor([labels + [IGNORE_INDEX] * padding]),
         # A cache, made by default, would also stop transformers from reading the packing from the positions.
         "use_cache": False,
+        REAL_TOKENS: torch.tensor(real),
     }
 
 
+REAL_TOKENS = "real_tokens"  # a packed batch's count, which is not for the model: take it out with real_tokens()
+
+
 def real_tokens(batch):
-    """The tokens of a batch that are not padding."""
-    if "attention_mask" in batch:
-        return batch["attention_mask"].sum()
-    return torch.tensor(batch["input_ids"].numel(), device=batch["input_ids"].device)
+    """The tokens of a batch that are not padding (taken out of a packed batch, which carries the count)."""
+    if REAL_TOKENS in batch:
+        return batch.pop(REAL_TOKENS)
+    return batch["attention_mask"].sum()
 
 
 class EpochShuffle(Sampler):
@@ -224,5 +235,5 @@ def make_loader(examples, batch_size, pad_token_id, shuffle=False, seed=0, pack=
         # global one, which dropout uses: a resumed run, starting an iterator mid-epoch where the
         # uninterrupted run did not, would then see different dropout masks.
         generator=torch.Generator().manual_seed(seed),
-        collate_fn=collate_packed if pack else partial(collate, pad_token_id=pad_token_id),
+        collate_fn=partial(collate_packed if pack else collate, pad_token_id=pad_token_id),
     )

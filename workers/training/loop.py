@@ -187,6 +187,7 @@ def train(run, outdir, progress, pause_requested=None):
         batches = skip_first_batches(train_loader, batches_done) if batches_done else train_loader
         for batch in batches:
             learning_rate = scheduler.get_last_lr()[0]
+            tokens = real_tokens(batch)
             loss = model(**batch).loss
             accelerator.backward(loss)
             optimizer.step()
@@ -197,7 +198,7 @@ def train(run, outdir, progress, pause_requested=None):
             # One exchange between the processes per step: the mean loss, all real tokens, and whether to pause.
             pause_asked = (pause_requested is not None and pause_requested.is_set()) or (outdir / "PAUSE").exists()
             exchanged = torch.stack(
-                [loss.detach().float(), real_tokens(batch).float(), torch.tensor(float(pause_asked), device=loss.device)]
+                [loss.detach().float(), tokens.to(loss.device).float(), torch.tensor(float(pause_asked), device=loss.device)]
             )
             train_loss, tokens, pausing = accelerator.reduce(exchanged, "sum").tolist()  # waits for the GPU: true timings
             train_loss, tokens = train_loss / accelerator.num_processes, int(tokens)
@@ -259,6 +260,7 @@ def train(run, outdir, progress, pause_requested=None):
     # --- inference latency, unmerged and merged ---
     # Timed on one eval batch (a train batch when nothing is held out), in the precision the job trained in.
     latency_batch = next(iter(eval_loader if data.eval else train_loader))
+    real_tokens(latency_batch)  # a packed batch's count is not for the model
     with accelerator.autocast():
         latency_ms = measure.latency_ms(trained_model, latency_batch)
     latency_merged_ms = None

@@ -95,10 +95,11 @@ def compile_in_place(model):
     """torch.compile the model's forward and backward: a few hundred fused kernels instead of thousands.
 
     In place (nn.Module.compile), so state dicts, peft and accelerate see the same module.
-    Packed rows change length every step; after the second length torch compiles one
-    graph for all lengths (automatic dynamic shapes).
+    One graph for every row length (dynamic shapes). TUNEDECK_COMPILE names torch's
+    compile mode ("default", "reduce-overhead" for CUDA graphs of each row length), or 0.
     """
-    if torch.cuda.is_available() and setting("TUNEDECK_COMPILE"):
-        model.compile()
-        return True
-    return False
+    mode = os.environ.get("TUNEDECK_COMPILE", "default").strip().lower()
+    if not torch.cuda.is_available() or mode in ("0", "false", "no", "off"):
+        return False
+    model.compile(mode=None if mode in ("1", "default") else mode, dynamic=True)
+    return True
