@@ -66,6 +66,7 @@ LORA = dict(r=16, alpha=32, dropout=0.05)
 PEAK_FLOPS = 989e12  # H100 SXM dense bf16
 DATA_SEED, TRAIN_SEED = 0, 42
 ALPHABET = [chr(code) for code in range(33, 127)]  # printable ASCII, one byte token each
+LOG_DIR = Path("bench/out")  # --out: where the engine's progress and stderr are written
 
 
 # --- the workload ---
@@ -130,8 +131,12 @@ def run_engine(mode, workdir, model_path, dataset_path, rows, steps, rep, gpus=1
     if gpus > 1:  # as the worker launches a job that asks for several GPUs
         launcher += ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(gpus),
                      "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    process = subprocess.run(launcher + ["-m", "workers.training", str(run_dir / "spec.json"), str(run_dir / "out")],
-                             capture_output=True, text=True, cwd=ROOT)
+    # The engine's lines go to files under --out as they come, so a run cut short still shows how far it got.
+    stdout_path, stderr_path = LOG_DIR / f"{run_dir.name}.progress.jsonl", LOG_DIR / f"{run_dir.name}.stderr.txt"
+    with open(stdout_path, "w") as stdout, open(stderr_path, "w") as stderr:
+        subprocess.run(launcher + ["-m", "workers.training", str(run_dir / "spec.json"), str(run_dir / "out")],
+                       stdout=stdout, stderr=stderr, text=True, cwd=ROOT)
+    process = argparse.Namespace(stdout=stdout_path.read_text(), stderr=stderr_path.read_text())
     steps_seen, error, previous_seen = [], None, 0
     for line in process.stdout.splitlines():
         event = json.loads(line)
@@ -404,6 +409,8 @@ def main():
     from workers.training.tiny_model import build_random_llama
 
     BATCH_SIZE = args.batch_size
+    global LOG_DIR
+    LOG_DIR = args.out
 
     args.out.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="train-speed-"))

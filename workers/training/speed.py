@@ -2,8 +2,8 @@
 
 Measured in bench/train_speed.py against transformers.Trainer + peft (bench/README.md):
 a bf16 base under frozen methods, padding-free packing (data.py), torch.compile
-of the model, fused AdamW and, with Liger Kernel installed, a fused linear +
-cross-entropy loss that never holds the whole vocabulary's logits. Each is a
+of the transformer blocks, fused AdamW and, with Liger Kernel installed, a fused
+linear + cross-entropy loss that never holds the whole vocabulary's logits. Each is a
 default; an admin can turn the compile or the Liger kernels off on a worker
 (`TUNEDECK_COMPILE=0`, `TUNEDECK_LIGER=0`) if a model trips them. None of them
 applies on a CPU, where the same loop runs in float32, eager.
@@ -12,6 +12,7 @@ applies on a CPU, where the same loop runs in float32, eager.
 import os
 
 import torch
+from accelerate.utils.other import is_repeated_blocks
 from transformers.pytorch_utils import Conv1D
 
 # Dense bf16 tensor-core peaks (FLOP/s) by the name CUDA reports; MFU is null for a GPU not listed.
@@ -80,26 +81,40 @@ def peak_flops():
 
 
 def use_liger(model):
-    """Liger Kernel's fused linear cross-entropy, RMSNorm, RoPE and SwiGLU for the model's family, where it has them."""
+    """Liger Kernel's fused linear cross-entropy for the model's family, where it has one.
+
+    The LM head and the loss run chunk by chunk, so the logits of the whole vocabulary
+    (128k entries per token for Llama 3) are never held at once. The blocks' norms, RoPE
+    and SwiGLU are left to torch.compile, which fuses them itself.
+    """
     if not (torch.cuda.is_available() and setting("TUNEDECK_LIGER")):
         return False
     try:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
     except ImportError:
         return False
-    _apply_liger_kernel_to_instance(model=model)
+    if model.config.model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        return False
+    _apply_liger_kernel_to_instance(
+        model=model, fused_linear_cross_entropy=True, cross_entropy=False, rope=False, rms_norm=False, swiglu=False
+    )
     return True
 
 
 def compile_in_place(model):
-    """torch.compile the model's forward and backward: a few hundred fused kernels instead of thousands.
+    """torch.compile each transformer block in place: a few fused kernels per block instead of hundreds of small ones.
 
-    In place (nn.Module.compile), so state dicts, peft and accelerate see the same module.
-    One graph for every row length (dynamic shapes). TUNEDECK_COMPILE names torch's
-    compile mode ("default", "reduce-overhead" for CUDA graphs of each row length), or 0.
+    Regional compilation (https://pytorch.org/tutorials/recipes/regional_compilation.html):
+    the blocks of a model share their code, so one block is compiled and the others reuse it,
+    in seconds where the whole model takes minutes. In place (nn.Module.compile), so state
+    dicts, peft and accelerate see the same modules. Shapes are dynamic from the start:
+    packed rows change length from step to step. TUNEDECK_COMPILE names torch's compile
+    mode ("default", "max-autotune-no-cudagraphs", ...), or is 0 to train eagerly.
     """
     mode = os.environ.get("TUNEDECK_COMPILE", "default").strip().lower()
     if not torch.cuda.is_available() or mode in ("0", "false", "no", "off"):
         return False
-    model.compile(mode=None if mode in ("1", "default") else mode, dynamic=True)
-    return True
+    blocks = [block for module in model.modules() if is_repeated_blocks(module) for block in module]
+    for block in blocks:
+        block.compile(mode=None if mode in ("1", "default") else mode, dynamic=True)
+    return bool(blocks)
