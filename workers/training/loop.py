@@ -86,7 +86,7 @@ def train(run, outdir, progress, pause_requested=None):
         train_loader = make_loader(
             data.train, hyperparameters.batch_size, data.pad_token_id, shuffle=True, seed=hyperparameters.seed
         )
-    fused_loss = spec.task == "causal_lm_sft" and speed.use_liger(model)
+    fused_loss = spec.task == "causal_lm_sft" and speed.use_liger(model, spec.method.type)
     flops_per_token = speed.flops_per_token(spec.method.type, speed.matmul_parameters(model))
     peak_flops = speed.peak_flops()
     reference_loader, reference_loss_before = None, None
