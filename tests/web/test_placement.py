@@ -101,7 +101,7 @@ def test_the_new_job_form_shows_the_estimate_and_which_gpu_fits(client, team_use
         "warmup_steps": 0, "eval_fraction": 0.1, "checkpoint_every": 50, "seed": 42,
     }
     page = client.get("/jobs/new/estimate/", form, HTTP_HX_REQUEST="true").content.decode()
-    assert "Memory: about" in page and "fits on a 16 GB GPU" in page and "2 of 2 workers here can run it" in page
+    assert "Memory: about" in page and "fits on a GPU of 8 GB" in page and "2 of 2 workers here can run it" in page
 
     form |= {"method": "full", "batch_size": 64, "max_seq_length": 4096}
     page = client.get("/jobs/new/estimate/", form, HTTP_HX_REQUEST="true").content.decode()
