@@ -33,6 +33,8 @@ N = the matmul parameters including the LM head, against 989 TFLOP/s (H100 dense
 Both sides record every step's loss; the JSON compares the curves (same seed, same batches).
 --gpus 1 2 runs our side on 1 and on 2 GPUs (`accelerate launch`, DDP: each GPU its own
 batches of --batch-size rows), for the multi-GPU scaling; --no-baseline skips the baseline.
+--variant NAME:KEY=VALUE,... runs our side once more with those environment variables (e.g.
+eager:TUNEDECK_COMPILE=0), to measure one part of the engine against the rest in the same call.
 Writes OUT/train_speed.json (rewritten after every repetition) and prints a table last.
 """
 
@@ -113,7 +115,7 @@ def engine_method(mode):
     return {"type": mode, **LORA, "target_modules": "all_linear"}
 
 
-def run_engine(mode, workdir, model_path, dataset_path, rows, steps, rep, gpus=1):
+def run_engine(mode, workdir, model_path, dataset_path, rows, steps, rep, gpus=1, variant=None):
     from jobs.spec import JobSpec, TrainingRun
 
     spec = JobSpec(
@@ -122,7 +124,7 @@ def run_engine(mode, workdir, model_path, dataset_path, rows, steps, rep, gpus=1
                          "eval_fraction": 0, "checkpoint_every": 1_000_000, "learning_rate": 1e-4,
                          "seed": TRAIN_SEED},
     )
-    run_dir = workdir / f"engine-{mode}-{rep}-{gpus}gpu"
+    run_dir = workdir / f"engine-{mode}-{rep}-{gpus}gpu" if variant is None else workdir / f"engine-{mode}-{rep}-{variant[0]}"
     run_dir.mkdir(parents=True)
     run = TrainingRun(spec=spec, model_path=str(model_path), dataset_path=str(dataset_path), dataset_format="text")
     (run_dir / "spec.json").write_text(run.model_dump_json())
@@ -135,7 +137,7 @@ def run_engine(mode, workdir, model_path, dataset_path, rows, steps, rep, gpus=1
     stdout_path, stderr_path = LOG_DIR / f"{run_dir.name}.progress.jsonl", LOG_DIR / f"{run_dir.name}.stderr.txt"
     with open(stdout_path, "w") as stdout, open(stderr_path, "w") as stderr:
         subprocess.run(launcher + ["-m", "workers.training", str(run_dir / "spec.json"), str(run_dir / "out")],
-                       stdout=stdout, stderr=stderr, text=True, cwd=ROOT)
+                       stdout=stdout, stderr=stderr, text=True, cwd=ROOT, env=os.environ | (variant[1] if variant else {}))
     process = argparse.Namespace(stdout=stdout_path.read_text(), stderr=stderr_path.read_text())
     steps_seen, error, previous_seen = [], None, 0
     for line in process.stdout.splitlines():
@@ -347,7 +349,7 @@ def summarise_mode(figures):
              if "error" not in o and "error" not in b]
     if pairs:
         figures["ratio_ours_over_baseline"] = median_and_spread([o / b for o, b in pairs])
-    for side in [key for key in figures if key.startswith("ours_") and key.endswith("gpu")]:
+    for side in [key for key in figures if key.startswith("ours_") and isinstance(figures[key], list)]:
         pairs = [(o["tokens_per_sec"], b["tokens_per_sec"]) for o, b in zip(figures[side], figures.get("ours", []))
                  if "error" not in o and "error" not in b]
         if pairs:
@@ -387,6 +389,8 @@ def main():
     parser.add_argument("--gpus", type=int, nargs="*", default=[1], help="GPU counts to run our side on")
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--model-dir", type=Path, help="build the random model here, or reuse the one already there")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                        help="also run our side (1 GPU) with these environment variables, e.g. eager:TUNEDECK_COMPILE=0")
     parser.add_argument("--table-from", type=Path, help="summarise a results JSON (of a run cut short) and print its table")
     parser.add_argument("--baseline-worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--profile-worker", type=Path, help=argparse.SUPPRESS)
@@ -447,12 +451,17 @@ def main():
         figures = results["modes"][mode] = {"repetitions": reps, "measured_steps": steps, "ours": [], "baseline": []}
         sides = [] if args.no_baseline else [("baseline", 1)]
         sides += [("ours" if gpus == 1 else f"ours_{gpus}gpu", gpus) for gpus in args.gpus]
+        variants = {name: dict(pair.split("=", 1) for pair in settings.split(","))
+                    for name, settings in (text.split(":", 1) for text in args.variant)}
+        sides += [(f"ours_{name}", 1) for name in variants]
         for rep in range(reps):
             for side, gpus in sides:
                 if side == "baseline":
                     raw = run_baseline(mode, workdir, model_path, dataset_path, order, args.warmup + steps, rep)
                 else:
-                    raw = run_engine(mode, workdir, model_path, dataset_path, rows, args.warmup + steps, rep, gpus)
+                    name = side.removeprefix("ours_")
+                    variant = (name, variants[name]) if name in variants else None
+                    raw = run_engine(mode, workdir, model_path, dataset_path, rows, args.warmup + steps, rep, gpus, variant)
                 if "steps" in raw:
                     got = [s["tokens"] for s in raw["steps"]]
                     expected = [sum(sum(batch) for batch in batches[gpus * i:gpus * (i + 1)])
