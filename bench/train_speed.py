@@ -138,9 +138,8 @@ def run_engine(mode, workdir, model_path, dataset_path, rows, steps, rep, gpus=1
     with open(stdout_path, "w") as stdout, open(stderr_path, "w") as stderr:
         subprocess.run(launcher + ["-m", "workers.training", str(run_dir / "spec.json"), str(run_dir / "out")],
                        stdout=stdout, stderr=stderr, text=True, cwd=ROOT, env=os.environ | (variant[1] if variant else {}))
-    process = argparse.Namespace(stdout=stdout_path.read_text(), stderr=stderr_path.read_text())
     steps_seen, error, previous_seen = [], None, 0
-    for line in process.stdout.splitlines():
+    for line in stdout_path.read_text().splitlines():
         event = json.loads(line)
         if event["event"] == "step":
             tokens = event["tokens_seen"] - previous_seen
@@ -150,7 +149,7 @@ def run_engine(mode, workdir, model_path, dataset_path, rows, steps, rep, gpus=1
         elif event["event"] == "error":
             error = event["message"]
     if len(steps_seen) < steps:
-        return {"error": error or process.stderr[-3000:]}
+        return {"error": error or stderr_path.read_text()[-3000:]}
     return {"steps": steps_seen, "peak_mb": steps_seen[-1]["peak_mb"], "process_seconds": time.perf_counter() - started}
 
 

@@ -63,6 +63,17 @@ def data_dirs(settings, tmp_path):
 
 
 @pytest.fixture
+def api(team_user):
+    """A client that calls the APIs as team_user, with a bearer token."""
+    from django.test import Client
+
+    from jobs.models import ApiToken
+
+    _, token = ApiToken.issue(team_user, "tests")
+    return Client(HTTP_AUTHORIZATION=f"Bearer {token}")
+
+
+@pytest.fixture
 def team_user(db, django_user_model):
     from jobs.models import Membership, Team
 

@@ -189,7 +189,7 @@ def request_pause(process, outdir, gpus):
     """Ask the trainer to pause after its current step: by the PAUSE file, and a lone trainer by SIGUSR1 too."""
     (outdir / PAUSE_FILE).touch()
     if gpus == 1:
-        # Signalled as it always was, so that a trainer that predates the file pauses too.
+        # The signal `python -m workers.training` documents; a launcher of several ranks would die of it.
         os.kill(process.pid, signal.SIGUSR1)
 
 

@@ -4,9 +4,8 @@ refused at the door when no worker does, and handed back by a worker with too fe
 import json
 
 import pytest
-from django.test import Client
 
-from jobs.models import ApiToken, BaseModel, Job, Worker
+from jobs.models import BaseModel, Job, Worker
 from jobs.uploads import store_dataset
 from workers import tasks
 
@@ -33,12 +32,6 @@ def unshaped_model(db):
 @pytest.fixture
 def dataset(team_user, data_dirs):
     return store_dataset(team_user.memberships.get().team, team_user, "qa.jsonl", PROMPT_ROWS)
-
-
-@pytest.fixture
-def api(team_user):
-    _, token = ApiToken.issue(team_user, "tests")
-    return Client(HTTP_AUTHORIZATION=f"Bearer {token}")
 
 
 @pytest.fixture

@@ -4,21 +4,14 @@ import json
 
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
-from django.test import Client
 
-from jobs.models import ApiToken, Job
+from jobs.models import Job
 from jobs.uploads import store_dataset
 
 CHAT_ROWS = (
     b'{"messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "hi"}, '
     b'{"role": "assistant", "content": "hello"}]}\n'
 ) * 4
-
-
-@pytest.fixture
-def api(team_user):
-    _, token = ApiToken.issue(team_user, "tests")
-    return Client(HTTP_AUTHORIZATION=f"Bearer {token}")
 
 
 @pytest.fixture

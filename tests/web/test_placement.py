@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from jobs.models import ApiToken, Job, Worker
+from jobs.models import Job, Worker
 from jobs.spec import JobSpec
 from jobs.uploads import store_dataset
 from workers import tasks
@@ -25,14 +25,6 @@ def workers(db):
 @pytest.fixture
 def dataset(team_user, data_dirs):
     return store_dataset(team_user.memberships.get().team, team_user, "qa.jsonl", PROMPT_ROWS)
-
-
-@pytest.fixture
-def api(team_user):
-    from django.test import Client
-
-    _, token = ApiToken.issue(team_user, "tests")
-    return Client(HTTP_AUTHORIZATION=f"Bearer {token}")
 
 
 def submit(api, django_capture_on_commit_callbacks, dataset, method, batch_size, max_seq_length):

@@ -35,12 +35,6 @@ def alice(team_user):
     return client
 
 
-@pytest.fixture
-def api(team_user):
-    _, token = ApiToken.issue(team_user, "tests")
-    return Client(HTTP_AUTHORIZATION=f"Bearer {token}")
-
-
 def sweep_form(dataset, name="grid-demo", **grid):
     """The new-sweep form as a browser posts it: the base job's fields, then the grid's."""
     return {

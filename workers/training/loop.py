@@ -62,31 +62,28 @@ def train(run, outdir, progress, pause_requested=None):
     set_seed(hyperparameters.seed)
     on_gpu = torch.cuda.is_available()
     # bf16 keeps fp32's range, so it needs no loss scaling; GPUs without it train in full precision.
-    accelerator = Accelerator(
-        cpu=not on_gpu, mixed_precision="bf16" if on_gpu and torch.cuda.is_bf16_supported() else "no"
-    )
+    accelerator = Accelerator(cpu=not on_gpu, mixed_precision="bf16" if speed.on_bf16_gpu() else "no")
 
     # --- data ---
     tokenizer = load_tokenizer(run.model_path, run.trust_remote_code)
     data = load_training_data(run, tokenizer, log=progress.log)
-    # Padding-free: a batch's sequences packed into one row, where the model and the method allow it (data.py).
-    packs = spec.task == "causal_lm_sft" and getattr(method, "PACKS_SEQUENCES", True)
-    train_loader = make_loader(
-        data.train, hyperparameters.batch_size, data.pad_token_id, shuffle=True, seed=hyperparameters.seed, pack=packs
-    )
-    eval_loader = make_loader(data.eval, hyperparameters.batch_size, data.pad_token_id)
 
     # --- model and method ---
     base_model_kwargs = {"dtype": speed.base_dtype(spec.method.type)}
     if hasattr(method, "base_model_kwargs"):
         base_model_kwargs.update(method.base_model_kwargs(spec.method, spec.task, on_gpu))
     model = load_model(run, data.label_names, data.pad_token_id, **base_model_kwargs)
-    if packs and architecture_family(model) != "llama":
-        # transformers reads packed rows from the position ids in the families our presets know; others stay padded.
-        packs = False
-        train_loader = make_loader(
-            data.train, hyperparameters.batch_size, data.pad_token_id, shuffle=True, seed=hyperparameters.seed
-        )
+    # Padding-free: a batch's sequences packed into one row (data.py), where the method allows it and
+    # transformers reads packed rows from the position ids (the families our presets know); others stay padded.
+    packs = (
+        spec.task == "causal_lm_sft"
+        and getattr(method, "PACKS_SEQUENCES", True)
+        and architecture_family(model) == "llama"
+    )
+    train_loader = make_loader(
+        data.train, hyperparameters.batch_size, data.pad_token_id, shuffle=True, seed=hyperparameters.seed, pack=packs
+    )
+    eval_loader = make_loader(data.eval, hyperparameters.batch_size, data.pad_token_id)
     fused_loss = spec.task == "causal_lm_sft" and speed.use_liger(model, spec.method.type)
     flops_per_token = speed.flops_per_token(spec.method.type, speed.matmul_parameters(model))
     peak_flops = speed.peak_flops()
@@ -223,7 +220,7 @@ def train(run, outdir, progress, pause_requested=None):
                 learning_rate=learning_rate,
                 tokens_per_sec=tokens_per_sec,
                 tokens_seen=tokens_seen,
-                mfu=mfu(tokens_per_sec, flops_per_token, peak_flops, accelerator.num_processes),
+                mfu=speed.mfu(tokens_per_sec, flops_per_token, peak_flops, accelerator.num_processes),
                 gpu_memory_mb=torch.cuda.max_memory_allocated() / 2**20 if on_gpu else None,
                 cpu_memory_mb=measure.peak_cpu_memory_mb(),
             )
@@ -289,7 +286,7 @@ def train(run, outdir, progress, pause_requested=None):
         trainable_params=trainable_params,
         total_params=total_params,
         tokens_per_sec=tokens_seen / training_seconds,
-        mfu=mfu(tokens_seen / training_seconds, flops_per_token, peak_flops, accelerator.num_processes),
+        mfu=speed.mfu(tokens_seen / training_seconds, flops_per_token, peak_flops, accelerator.num_processes),
         peak_memory_mb=peak_memory_mb,
         artifact_bytes=measure.size_on_disk(outdir / ADAPTER_DIR),
         latency_ms=latency_ms,
@@ -298,11 +295,6 @@ def train(run, outdir, progress, pause_requested=None):
         reference_loss_after=reference_loss_after,
     )
     return trained_model
-
-
-def mfu(tokens_per_sec, flops_per_token, peak_flops, gpus):
-    """Model FLOPs utilisation: the share of the GPUs' bf16 peak the model's matmuls ran at (None on a CPU)."""
-    return tokens_per_sec * flops_per_token / (peak_flops * gpus) if peak_flops else None
 
 
 def reference_loss(model, loader, accelerator):

@@ -76,6 +76,11 @@ def peak_flops():
     return None
 
 
+def mfu(tokens_per_sec, flops_per_token, peak_flops, gpus):
+    """Model FLOPs utilisation: the share of the GPUs' bf16 peak the model's matmuls ran at (None without a peak)."""
+    return tokens_per_sec * flops_per_token / (peak_flops * gpus) if peak_flops else None
+
+
 def use_liger(model, method_type):
     """Liger Kernel's fused linear cross-entropy for the model's family, where it has one.
 
