@@ -290,7 +290,7 @@ def profile_worker(job):
                     "other elementwise")
         kinds[kind] = kinds.get(kind, 0) + micros
     total = sum(kinds.values())
-    top = sorted(kernels.items(), key=lambda item: -item[1])[:15]
+    top = sorted(kernels.items(), key=lambda item: -item[1])[:40]
     print("RESULT " + json.dumps({
         "active_steps": job["active"], "gpu_ms_per_step": total / 1000 / job["active"],
         # Wall time of the profiled steps (the profiler slows them a little): kernels over wall = GPU busy.

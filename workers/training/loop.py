@@ -80,6 +80,7 @@ def train(run, outdir, progress, pause_requested=None):
         and getattr(method, "PACKS_SEQUENCES", True)
         and architecture_family(model) == "llama"
     )
+    flex_attention = packs and speed.attend_within_sequences(model)
     train_loader = make_loader(
         data.train, hyperparameters.batch_size, data.pad_token_id, shuffle=True, seed=hyperparameters.seed, pack=packs
     )
@@ -132,6 +133,15 @@ def train(run, outdir, progress, pause_requested=None):
         # Last: loading the model and applying the method drew from these generators too.
         restore_rng_states(state["rng"])
 
+    def forward_backward(batch):
+        loss = model(**batch).loss
+        accelerator.backward(loss)
+        return loss.detach()
+
+    graphed = speed.use_cuda_graphs(accelerator.unwrap_model(model), packs, accelerator.num_processes, fused_loss)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    take_step = speed.GraphedSteps(forward_backward, trained, progress.log) if graphed else forward_backward
+
     progress.emit(
         "started",
         resumed_from_step=step,
@@ -145,7 +155,8 @@ def train(run, outdir, progress, pause_requested=None):
     )
     progress.log(
         f"{'packed' if packs else 'padded'} batches, {next(model.parameters()).dtype} base weights"
-        f"{', compiled' if compiled else ''}{', fused linear cross-entropy' if fused_loss else ''}"
+        f"{', FlexAttention' if flex_attention else ''}{', compiled' if compiled else ''}{', CUDA graphs' if graphed else ''}"
+        f"{', fused linear cross-entropy' if fused_loss else ''}"
     )
 
     def save_a_checkpoint(step):
@@ -189,11 +200,10 @@ def train(run, outdir, progress, pause_requested=None):
         for batch in batches:
             learning_rate = scheduler.get_last_lr()[0]
             tokens = real_tokens(batch)
-            loss = model(**batch).loss
-            accelerator.backward(loss)
+            loss = take_step(batch)
             optimizer.step()
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=not graphed)
             step += 1
 
             # One exchange between the processes per step: the mean loss, all real tokens, and whether to pause.

@@ -81,6 +81,21 @@ def mfu(tokens_per_sec, flops_per_token, peak_flops, gpus):
     return tokens_per_sec * flops_per_token / (peak_flops * gpus) if peak_flops else None
 
 
+def attend_within_sequences(model):
+    """FlexAttention for packed rows: each sequence attends to itself alone, and only its blocks are computed.
+
+    transformers reads the packing from the position ids either way, but SDPA needs
+    the mask as a dense row-by-row matrix and computes every token against every
+    other before masking: for a row of eight sequences that is most of the attention's
+    work thrown away. A FlexAttention block mask skips the blocks across sequences.
+    TUNEDECK_ATTENTION=sdpa keeps SDPA.
+    """
+    if not torch.cuda.is_available() or os.environ.get("TUNEDECK_ATTENTION", "flex").strip().lower() == "sdpa":
+        return False
+    model.set_attn_implementation("flex_attention")
+    return True
+
+
 def use_liger(model, method_type):
     """Liger Kernel's fused linear cross-entropy for the model's family, where it has one.
 
@@ -126,3 +141,83 @@ def compile_in_place(model):
     for block in blocks:
         block.compile(mode=None if mode in ("1", "default") else mode, dynamic=True)
     return bool(blocks)
+
+
+def use_cuda_graphs(model, packs, processes, fused_loss):
+    """Whether the steps can run as CUDA graphs (GraphedSteps): TUNEDECK_CUDA_GRAPHS=0 turns them off.
+
+    Only for packed rows, whose few lengths make few graphs (padded batches come in every
+    shape); in one process (DDP's gradient hooks are not captured); and where nothing in
+    the step waits on the GPU from Python: gradient checkpointing saves and restores RNG
+    states, and Liger's fused loss reads its token count back, neither of which a graph can hold.
+    """
+    if os.environ.get("TUNEDECK_CUDA_GRAPHS", "").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    if not (torch.cuda.is_available() and packs and processes == 1) or fused_loss:
+        return False
+    return not any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
+
+
+class GraphedSteps:
+    """A step's forward and backward replayed as one CUDA graph, one graph per packed row length.
+
+    Compiled, the 1B LoRA step of the benchmark still launched its few thousand kernels one
+    by one from Python, and the GPU waited on those launches for most of a 75 ms step; a graph
+    launches them all at once. A graph holds fixed shapes, and packed rows come in few lengths
+    (multiples of 256), so each length gets its own: its first batch runs as usual (compiling
+    and warming the kernels for that shape), its second is captured, later ones replay. The
+    graphs share one memory pool and keep their inputs, gradients and loss in buffers held
+    here; each replay's loss is read before the next replay. The optimizer step stays outside,
+    a single fused kernel, so the learning-rate schedule, checkpoints and resuming see an
+    ordinary optimizer. The gradients stay allocated between steps (the optimizer zeroes them
+    in place), since a graph writes them where its capture found them.
+    """
+
+    def __init__(self, forward_backward, parameters, log):
+        self.forward_backward, self.log = forward_backward, log
+        for parameter in parameters:
+            parameter.grad = torch.zeros_like(parameter)
+        self.loss = torch.zeros((), device="cuda")
+        self.stream = torch.cuda.Stream()  # warm-up and capture both on one side stream, as torch's docs do
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs = {}  # row shape -> (graph, its input buffers)
+        self.seen = set()
+        self.failed = False
+
+    def __call__(self, batch):
+        shape = tuple(batch["input_ids"].shape)
+        if shape in self.graphs:
+            graph, inputs = self.graphs[shape]
+            for name, buffer in inputs.items():
+                buffer.copy_(batch[name])
+            graph.replay()
+            return self.loss
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            if shape in self.seen and not self.failed and self.capture(shape, batch):
+                self.graphs[shape][0].replay()
+                loss = self.loss
+            else:
+                self.seen.add(shape)
+                loss = self.forward_backward(batch)
+        torch.cuda.current_stream().wait_stream(self.stream)
+        return loss
+
+    def capture(self, shape, batch):
+        """Record the step for this shape (nothing runs yet); False where the step cannot be recorded."""
+        inputs = {name: value.clone() for name, value in batch.items() if torch.is_tensor(value)}
+        graph = torch.cuda.CUDAGraph()
+        generator = torch.cuda.default_generators[torch.cuda.current_device()]
+        random_state = generator.clone_state()
+        try:
+            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+                self.loss.copy_(self.forward_backward(batch | inputs))
+        except RuntimeError as error:
+            # Something in this model's step waits on the GPU: the run goes on as it would without graphs.
+            # A failed capture leaves the GPU's random generator expecting a graph; it gets its state back.
+            generator.graphsafe_set_state(random_state)
+            self.failed = True
+            self.log(f"CUDA graphs off for this run, a step could not be captured: {str(error).splitlines()[0]}")
+            return False
+        self.graphs[shape] = (graph, inputs)
+        return True
