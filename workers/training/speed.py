@@ -140,6 +140,10 @@ def compile_in_place(model):
     blocks = [block for module in model.modules() if is_repeated_blocks(module) for block in module]
     for block in blocks:
         block.compile(mode=None if mode in ("1", "default") else mode, dynamic=True)
+    # The loss too: compiled, it reads the bf16 logits once, instead of first writing a float32 copy of them
+    # (128k entries per token for Llama 3) and then reading that through softmax, forward and backward.
+    transformers_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    transformers_model.loss_function = torch.compile(transformers_model.loss_function, dynamic=True)
     return bool(blocks)
 
 
