@@ -1,6 +1,7 @@
 """Turning dataset rows into training examples: what the loss sees, and how rows are split and padded."""
 
 import json
+import random
 
 import pytest
 from accelerate import Accelerator
@@ -117,3 +118,27 @@ def test_an_epochs_order_depends_on_the_seed_and_the_epoch_only():
     assert all(sorted(rows) == list(range(20)) for rows in epochs)
     assert epochs[0] != epochs[1] != epochs[2]
     assert order(prepared_loader(seed=8), epoch=0) != epochs[0]
+
+
+def test_several_processes_get_batches_of_about_as_many_tokens_each_step():
+    """A step waits for its slowest process: dealt out by length, each step's batches weigh about the same."""
+    rng = random.Random(0)
+    # Row r is r + 1 repeated (0 pads): each batch tells which rows it holds.
+    examples = [TokenizedExample(input_ids=[row + 1] * rng.randint(32, 1024), labels=[row]) for row in range(96)]
+
+    def batches(processes):
+        loader = make_loader(examples, batch_size=8, pad_token_id=0, shuffle=True, seed=3, pack=True, processes=processes)
+        loader.sampler.set_epoch(1)
+        return [sorted(token - 1 for token in set(batch["input_ids"][0].tolist()) - {0}) for batch in loader]
+
+    def tokens(rows):
+        return sum(len(examples[row].input_ids) for row in rows)
+
+    one_process, two_processes = batches(1), batches(2)
+    steps = [(one_process[i] + one_process[i + 1], two_processes[i], two_processes[i + 1]) for i in range(0, 12, 2)]
+    for rows_one_process, first, second in steps:
+        assert sorted(first + second) == sorted(rows_one_process)  # the same rows in each step
+        assert len(first) == len(second) == 8
+        assert abs(tokens(first) - tokens(second)) <= 1024  # at most one row's worth apart
+    imbalance = [abs(tokens(one_process[i]) - tokens(one_process[i + 1])) for i in range(0, 12, 2)]
+    assert sum(imbalance) > 3 * sum(abs(tokens(first) - tokens(second)) for _, first, second in steps)

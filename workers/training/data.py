@@ -208,10 +208,16 @@ class EpochShuffle(Sampler):
     A resumed run rebuilds the order of the epoch it stopped in without replaying
     the epochs before it. accelerate's prepared loader calls set_epoch at the start
     of every pass, and every process of a multi-GPU run computes the same order.
+
+    With several processes, each takes the next batch in turn, and a step lasts as
+    long as its slowest process's: given the rows' lengths, the rows of each step
+    (processes x batch_size of them) are dealt out so that every process gets about
+    as many tokens. A step trains on the same rows either way.
     """
 
-    def __init__(self, row_count, seed):
+    def __init__(self, row_count, seed, lengths=None, batch_size=1, processes=1):
         self.row_count, self.seed, self.epoch = row_count, seed, 0
+        self.lengths, self.batch_size, self.processes = lengths, batch_size, processes
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -219,18 +225,39 @@ class EpochShuffle(Sampler):
     def __iter__(self):
         order = list(range(self.row_count))
         random.Random(f"{self.seed}/{self.epoch}").shuffle(order)  # a str seed is hashed whole, with sha512
+        if self.processes > 1 and self.lengths is not None:
+            order = self.balanced(order)
         return iter(order)
+
+    def balanced(self, order):
+        step_rows = self.batch_size * self.processes
+        dealt = []
+        for start in range(0, len(order), step_rows):
+            rows = order[start : start + step_rows]
+            if len(rows) < step_rows:  # the last, short step: accelerate shares it out its own way
+                dealt += rows
+                continue
+            batches = [[] for _ in range(self.processes)]
+            for row in sorted(rows, key=lambda row: -self.lengths[row]):  # longest first, to the lightest batch
+                open_batches = [batch for batch in batches if len(batch) < self.batch_size]
+                min(open_batches, key=lambda batch: sum(self.lengths[row] for row in batch)).append(row)
+            dealt += [row for batch in batches for row in batch]
+        return dealt
 
     def __len__(self):
         return self.row_count
 
 
-def make_loader(examples, batch_size, pad_token_id, shuffle=False, seed=0, pack=False):
-    """Batches of `batch_size` rows: padded to the longest, or with `pack` in one row of their real tokens."""
+def make_loader(examples, batch_size, pad_token_id, shuffle=False, seed=0, pack=False, processes=1):
+    """Batches of `batch_size` rows: padded to the longest, or with `pack` in one row of their real tokens.
+
+    Shuffled for `processes` processes, each step's batches carry about as many tokens each.
+    """
+    lengths = [len(example.input_ids) for example in examples]
     return DataLoader(
         examples,
         batch_size=batch_size,
-        sampler=EpochShuffle(len(examples), seed) if shuffle else None,
+        sampler=EpochShuffle(len(examples), seed, lengths, batch_size, processes) if shuffle else None,
         # Each new iterator draws a seed (for worker processes) from this generator, or else from torch's
         # global one, which dropout uses: a resumed run, starting an iterator mid-epoch where the
         # uninterrupted run did not, would then see different dropout masks.

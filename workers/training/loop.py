@@ -82,7 +82,13 @@ def train(run, outdir, progress, pause_requested=None):
     )
     flex_attention = packs and speed.attend_within_sequences(model)
     train_loader = make_loader(
-        data.train, hyperparameters.batch_size, data.pad_token_id, shuffle=True, seed=hyperparameters.seed, pack=packs
+        data.train,
+        hyperparameters.batch_size,
+        data.pad_token_id,
+        shuffle=True,
+        seed=hyperparameters.seed,
+        pack=packs,
+        processes=accelerator.num_processes,
     )
     eval_loader = make_loader(data.eval, hyperparameters.batch_size, data.pad_token_id)
     fused_loss = spec.task == "causal_lm_sft" and speed.use_liger(model, spec.method.type)
@@ -133,12 +139,16 @@ def train(run, outdir, progress, pause_requested=None):
         # Last: loading the model and applying the method drew from these generators too.
         restore_rng_states(state["rng"])
 
+    graphed = speed.use_cuda_graphs(accelerator.unwrap_model(model), packs, fused_loss)
+    # Graphed, the model runs without DDP's wrapper, whose gradient hooks no graph holds; GraphedSteps averages
+    # the gradients over the processes itself.
+    stepped_model = accelerator.unwrap_model(model) if graphed else model
+
     def forward_backward(batch):
-        loss = model(**batch).loss
+        loss = stepped_model(**batch).loss
         accelerator.backward(loss)
         return loss.detach()
 
-    graphed = speed.use_cuda_graphs(accelerator.unwrap_model(model), packs, accelerator.num_processes, fused_loss)
     trained = [p for p in model.parameters() if p.requires_grad]
     take_step = speed.GraphedSteps(forward_backward, trained, progress.log) if graphed else forward_backward
 
