@@ -139,16 +139,12 @@ def train(run, outdir, progress, pause_requested=None):
         # Last: loading the model and applying the method drew from these generators too.
         restore_rng_states(state["rng"])
 
-    graphed = speed.use_cuda_graphs(accelerator.unwrap_model(model), packs, fused_loss)
-    # Graphed, the model runs without DDP's wrapper, whose gradient hooks no graph holds; GraphedSteps averages
-    # the gradients over the processes itself.
-    stepped_model = accelerator.unwrap_model(model) if graphed else model
-
     def forward_backward(batch):
-        loss = stepped_model(**batch).loss
+        loss = model(**batch).loss
         accelerator.backward(loss)
         return loss.detach()
 
+    graphed = speed.use_cuda_graphs(accelerator.unwrap_model(model), packs, accelerator.num_processes, fused_loss)
     trained = [p for p in model.parameters() if p.requires_grad]
     take_step = speed.GraphedSteps(forward_backward, trained, progress.log) if graphed else forward_backward
 

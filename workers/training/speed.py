@@ -147,17 +147,17 @@ def compile_in_place(model):
     return bool(blocks)
 
 
-def use_cuda_graphs(model, packs, fused_loss):
+def use_cuda_graphs(model, packs, processes, fused_loss):
     """Whether the steps can run as CUDA graphs (GraphedSteps): TUNEDECK_CUDA_GRAPHS=0 turns them off.
 
     Only for packed rows, whose few lengths make few graphs (padded batches come in every
-    shape), and where nothing in the step waits on the GPU from Python: gradient
-    checkpointing saves and restores RNG states, and Liger's fused loss reads its token
-    count back, neither of which a graph can hold.
+    shape); in one process (DDP's gradient hooks are not captured); and where nothing in
+    the step waits on the GPU from Python: gradient checkpointing saves and restores RNG
+    states, and Liger's fused loss reads its token count back, neither of which a graph can hold.
     """
     if os.environ.get("TUNEDECK_CUDA_GRAPHS", "").strip().lower() in ("0", "false", "no", "off"):
         return False
-    if not (torch.cuda.is_available() and packs) or fused_loss:
+    if not (torch.cuda.is_available() and packs and processes == 1) or fused_loss:
         return False
     return not any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
 
@@ -174,19 +174,13 @@ class GraphedSteps:
     here; each replay's loss is read before the next replay. The optimizer step stays outside,
     a single fused kernel, so the learning-rate schedule, checkpoints and resuming see an
     ordinary optimizer. The gradients stay allocated between steps (the optimizer zeroes them
-    in place), since a graph writes them where its capture found them: in one buffer, which
-    several processes average in one all-reduce after each step, in place of DDP's.
+    in place), since a graph writes them where its capture found them.
     """
 
     def __init__(self, forward_backward, parameters, log):
         self.forward_backward, self.log = forward_backward, log
-        self.gradients = torch.zeros(sum(p.numel() for p in parameters), dtype=parameters[0].dtype, device="cuda")
-        offset = 0
         for parameter in parameters:
-            parameter.grad = self.gradients[offset : offset + parameter.numel()].view_as(parameter)
-            offset += parameter.numel()
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        self.processes = torch.distributed.get_world_size() if distributed else 1
+            parameter.grad = torch.zeros_like(parameter)
         self.loss = torch.zeros((), device="cuda")
         self.stream = torch.cuda.Stream()  # warm-up and capture both on one side stream, as torch's docs do
         self.pool = torch.cuda.graph_pool_handle()
@@ -195,12 +189,6 @@ class GraphedSteps:
         self.failed = False
 
     def __call__(self, batch):
-        loss = self.replay_or_run(batch)
-        if self.processes > 1:
-            torch.distributed.all_reduce(self.gradients, op=torch.distributed.ReduceOp.AVG)
-        return loss
-
-    def replay_or_run(self, batch):
         shape = tuple(batch["input_ids"].shape)
         if shape in self.graphs:
             graph, inputs = self.graphs[shape]
@@ -226,8 +214,7 @@ class GraphedSteps:
         generator = torch.cuda.default_generators[torch.cuda.current_device()]
         random_state = generator.clone_state()
         try:
-            # thread_local: the CUDA calls of other threads (NCCL's watchdog) go on during a capture.
-            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
                 self.loss.copy_(self.forward_backward(batch | inputs))
         except RuntimeError as error:
             # Something in this model's step waits on the GPU: the run goes on as it would without graphs.
