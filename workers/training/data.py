@@ -253,11 +253,14 @@ def make_loader(examples, batch_size, pad_token_id, shuffle=False, seed=0, pack=
 
     Shuffled for `processes` processes, each step's batches carry about as many tokens each.
     """
-    lengths = [len(example.input_ids) for example in examples]
+    sampler = None
+    if shuffle:
+        lengths = [len(example.input_ids) for example in examples]
+        sampler = EpochShuffle(len(examples), seed, lengths, batch_size, processes)
     return DataLoader(
         examples,
         batch_size=batch_size,
-        sampler=EpochShuffle(len(examples), seed, lengths, batch_size, processes) if shuffle else None,
+        sampler=sampler,
         # Each new iterator draws a seed (for worker processes) from this generator, or else from torch's
         # global one, which dropout uses: a resumed run, starting an iterator mid-epoch where the
         # uninterrupted run did not, would then see different dropout masks.

@@ -108,8 +108,9 @@ def train(run, outdir, progress, pause_requested=None):
     model = method.apply(model, spec.method, spec.task, architecture_family(model))
     speed.trainable_in_float32(model)
     trainable_params, total_params = count_parameters(model)
+    trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
+        trained,
         lr=hyperparameters.learning_rate,
         weight_decay=hyperparameters.weight_decay,
         fused=on_gpu,  # one kernel for all parameters instead of several per tensor
@@ -145,7 +146,6 @@ def train(run, outdir, progress, pause_requested=None):
         return loss.detach()
 
     graphed = speed.use_cuda_graphs(accelerator.unwrap_model(model), packs, accelerator.num_processes, fused_loss)
-    trained = [p for p in model.parameters() if p.requires_grad]
     take_step = speed.GraphedSteps(forward_backward, trained, progress.log) if graphed else forward_backward
 
     progress.emit(
