@@ -42,7 +42,7 @@ def examples(lengths, seed=0, vocab=250):
 
 def packed(rows):
     """A packed batch as the model gets it: the loop takes the real token count out first."""
-    batch = collate_packed(rows, PAD)
+    batch = collate_packed(rows, PAD, batch_size=len(rows))
     real_tokens(batch)
     return batch
 
@@ -68,13 +68,15 @@ def lora_llama(tiny_llama_path):
 
 def test_a_packed_batch_gives_the_padded_batchs_loss_and_gradients(lora_llama):
     batch_rows = examples([5, 17, 9, 30])
-    padded, one_row = collate(batch_rows, PAD), collate_packed(batch_rows, PAD)
+    padded, one_row = collate(batch_rows, PAD), collate_packed(batch_rows, PAD, batch_size=4)
 
     assert int(real_tokens(one_row)) == int(real_tokens(padded)) == 61
     assert one_row["input_ids"].shape == (1, PACKED_LENGTH_MULTIPLE)  # 61 real tokens, then one padding sequence
     assert one_row["position_ids"][0, :8].tolist() == [0, 1, 2, 3, 4, 0, 1, 2]
     assert one_row["position_ids"][0, 61:64].tolist() == [0, 1, 2]
     assert (one_row["labels"][0, 61:] == IGNORE_INDEX).all()
+    # Where each sequence starts (the padding's too), then the row's end: what variable-length attention reads.
+    assert one_row["cu_seq_lens_q"].tolist() == [0, 5, 22, 31, 61, 256]
 
     padded_loss, padded_gradients = loss_and_lora_gradients(lora_llama, padded)
     packed_loss, packed_gradients = loss_and_lora_gradients(lora_llama, one_row)
@@ -99,7 +101,29 @@ def test_packed_sequences_do_not_attend_to_each_other(lora_llama):
 
 def test_the_first_token_of_each_packed_sequence_is_not_a_target():
     rows = [TokenizedExample([5, 6, 7], [5, 6, 7]), TokenizedExample([8, 9], [8, 9])]
-    assert collate_packed(rows, PAD)["labels"][0, :5].tolist() == [IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9]
+    assert collate_packed(rows, PAD, batch_size=2)["labels"][0, :5].tolist() == [IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9]
+
+
+def test_a_short_last_batch_keeps_the_sequence_boundaries_of_a_full_one():
+    # Rows of one length must bring inputs of one shape for their CUDA graph: the row's end repeats.
+    short = collate_packed(examples([12, 20]), PAD, batch_size=4)
+    assert short["input_ids"].shape == (1, PACKED_LENGTH_MULTIPLE)
+    assert short["cu_seq_lens_q"].tolist() == [0, 12, 32, 256, 256, 256]
+    exactly_full = collate_packed(examples([128, 128]), PAD, batch_size=2)
+    assert exactly_full["cu_seq_lens_q"].tolist() == [0, 128, 256, 256]
+
+
+def test_padded_batches_under_the_varlen_attention_compute_what_sdpa_does(tiny_llama_path):
+    # Held-out rows come padded, with no sequence boundaries: the varlen attention hands them to SDPA.
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_path, dtype=torch.float32).eval()
+    batch = collate(examples([5, 17, 9]), PAD)
+    with torch.no_grad():
+        sdpa_logits = model(**batch).logits
+        model.set_attn_implementation(speed.VARLEN)
+        assert model.config._attn_implementation == speed.VARLEN
+        varlen_logits = model(**batch).logits
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(varlen_logits[real], sdpa_logits[real])
 
 
 METHOD_CONFIGS = {

@@ -164,28 +164,37 @@ def collate(examples, pad_token_id):
 PACKED_LENGTH_MULTIPLE = 256
 
 
-def collate_packed(examples, pad_token_id):
+def collate_packed(examples, pad_token_id, batch_size):
     """The batch's sequences end to end in one row, padded only up to a multiple of 256 tokens.
 
     Position ids restart at 0 with each sequence; from them transformers builds an
     attention mask that keeps each sequence to itself (no attention mask may be
-    given, or it would not look). The first token of a sequence is never a target:
-    packed, it would be predicted from the end of the sequence before. The loss is
-    then the same mean over the same targets as the padded batch's. The few pad
-    tokens at the end form one more sequence with no targets; they keep the number
-    of row lengths small, so a compiled step is captured for each length once.
+    given, or it would not look). Variable-length attention reads the sequences'
+    boundaries instead, as cu_seq_lens_q (where each starts, then the row's end):
+    always batch_size + 2 entries, repeating the end after a short last batch, so
+    that every row of one length has inputs of the same shapes. The first token of
+    a sequence is never a target: packed, it would be predicted from the end of the
+    sequence before. The loss is then the same mean over the same targets as the
+    padded batch's. The few pad tokens at the end form one more sequence with no
+    targets; they keep the number of row lengths small, so a compiled step is
+    captured for each length once.
     """
-    input_ids, labels, position_ids = [], [], []
+    input_ids, labels, position_ids, starts = [], [], [], []
     for example in examples:
+        starts.append(len(input_ids))
         input_ids += example.input_ids
         labels += [IGNORE_INDEX] + example.labels[1:]
         position_ids += range(len(example.input_ids))
     real = len(input_ids)
     padding = -real % PACKED_LENGTH_MULTIPLE
+    if padding:
+        starts.append(real)
+    ends = [real + padding] * (batch_size + 2 - len(starts))
     return {
         "input_ids": torch.tensor([input_ids + [pad_token_id] * padding]),
         "position_ids": torch.tensor([position_ids + list(range(padding))]),
         "labels": torch.tensor([labels + [IGNORE_INDEX] * padding]),
+        "cu_seq_lens_q": torch.tensor(starts + ends, dtype=torch.int32),
         # A cache, made by default, would also stop transformers from reading the packing from the positions.
         "use_cache": False,
         REAL_TOKENS: torch.tensor(real),
@@ -265,5 +274,7 @@ def make_loader(examples, batch_size, pad_token_id, shuffle=False, seed=0, pack=
         # global one, which dropout uses: a resumed run, starting an iterator mid-epoch where the
         # uninterrupted run did not, would then see different dropout masks.
         generator=torch.Generator().manual_seed(seed),
-        collate_fn=partial(collate_packed if pack else collate, pad_token_id=pad_token_id),
+        collate_fn=partial(collate_packed, pad_token_id=pad_token_id, batch_size=batch_size)
+        if pack
+        else partial(collate, pad_token_id=pad_token_id),
     )

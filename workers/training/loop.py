@@ -80,7 +80,7 @@ def train(run, outdir, progress, pause_requested=None):
         and getattr(method, "PACKS_SEQUENCES", True)
         and architecture_family(model) == "llama"
     )
-    flex_attention = packs and speed.attend_within_sequences(model)
+    attention = speed.attend_within_sequences(model) if packs else None
     train_loader = make_loader(
         data.train,
         hyperparameters.batch_size,
@@ -140,12 +140,16 @@ def train(run, outdir, progress, pause_requested=None):
         # Last: loading the model and applying the method drew from these generators too.
         restore_rng_states(state["rng"])
 
+    graphed = speed.use_cuda_graphs(accelerator.unwrap_model(model), packs, fused_loss)
+    # Graphed, the model runs without DDP's wrapper, whose gradient hooks no graph holds; GraphedSteps averages
+    # the gradients over the processes itself.
+    stepped_model = accelerator.unwrap_model(model) if graphed else model
+
     def forward_backward(batch):
-        loss = model(**batch).loss
+        loss = stepped_model(**batch).loss
         accelerator.backward(loss)
         return loss.detach()
 
-    graphed = speed.use_cuda_graphs(accelerator.unwrap_model(model), packs, accelerator.num_processes, fused_loss)
     take_step = speed.GraphedSteps(forward_backward, trained, progress.log) if graphed else forward_backward
 
     progress.emit(
@@ -161,7 +165,7 @@ def train(run, outdir, progress, pause_requested=None):
     )
     progress.log(
         f"{'packed' if packs else 'padded'} batches, {next(model.parameters()).dtype} base weights"
-        f"{', FlexAttention' if flex_attention else ''}{', compiled' if compiled else ''}{', CUDA graphs' if graphed else ''}"
+        f"{f', {attention}' if attention else ''}{', compiled' if compiled else ''}{', CUDA graphs' if graphed else ''}"
         f"{', fused linear cross-entropy' if fused_loss else ''}"
     )
 

@@ -10,10 +10,14 @@ it (`TUNEDECK_COMPILE=0`, `TUNEDECK_CUDA_GRAPHS=0`, `TUNEDECK_ATTENTION=sdpa`,
 `TUNEDECK_LIGER=0`). None of them applies on a CPU, where the same loop runs in float32, eager.
 """
 
+import inspect
 import os
 
 import torch
 from accelerate.utils.other import is_repeated_blocks
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.pytorch_utils import Conv1D
 
 # Dense bf16 tensor-core peaks (FLOP/s) by the name CUDA reports; MFU is null for a GPU not listed.
@@ -83,18 +87,62 @@ def mfu(tokens_per_sec, flops_per_token, peak_flops, gpus):
 
 
 def attend_within_sequences(model):
-    """FlexAttention for packed rows: each sequence attends to itself alone, and only its blocks are computed.
+    """Attention that keeps each packed sequence to itself and computes only within it; returns the kernel's name.
 
     transformers reads the packing from the position ids either way, but SDPA needs
     the mask as a dense row-by-row matrix and computes every token against every
     other before masking: for a row of eight sequences that is most of the attention's
-    work thrown away. A FlexAttention block mask skips the blocks across sequences.
-    TUNEDECK_ATTENTION=sdpa keeps SDPA.
+    work thrown away. Flash attention's variable-length kernel (torch's varlen_attn)
+    takes the sequences' boundaries (collate_packed's cu_seq_lens_q) and computes each
+    sequence alone; where torch lacks it, a FlexAttention block mask skips the blocks
+    across sequences, more slowly. TUNEDECK_ATTENTION=flex or sdpa picks one of those.
     """
-    if not torch.cuda.is_available() or os.environ.get("TUNEDECK_ATTENTION", "flex").strip().lower() == "sdpa":
-        return False
+    wanted = os.environ.get("TUNEDECK_ATTENTION", "varlen").strip().lower()
+    if not torch.cuda.is_available() or wanted == "sdpa":
+        return None
+    # varlen_attn takes causal attention as window_size since torch 2.11.
+    if wanted == "varlen" and "window_size" in VARLEN_PARAMETERS:
+        model.set_attn_implementation(VARLEN)
+        return "varlen flash attention"
     model.set_attn_implementation("flex_attention")
-    return True
+    return "FlexAttention"
+
+
+VARLEN = "tunedeck_varlen"
+
+
+def varlen_parameters():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return set()
+    return set(inspect.signature(varlen_attn).parameters)
+
+
+VARLEN_PARAMETERS = varlen_parameters()
+
+
+def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, cu_seq_lens_q=None, **kwargs):
+    """transformers' attention interface over varlen_attn for a packed row; SDPA for anything else (padded eval batches)."""
+    if cu_seq_lens_q is None or query.shape[0] != 1 or dropout:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    from torch.nn.attention.varlen import varlen_attn
+
+    # One row: [1, heads, tokens, head_dim] -> [tokens, heads, head_dim]. The row's length bounds every
+    # sequence in it, and stays the same for all batches of that length, as a CUDA graph needs.
+    query, key, value = (tensor[0].transpose(0, 1) for tensor in (query, key, value))
+    tokens = query.shape[0]
+    # Fewer key/value heads than query heads (GQA): flash attention shares them itself; newer torch asks for the flag.
+    grouped = {"enable_gqa": True} if key.shape[1] != query.shape[1] and "enable_gqa" in VARLEN_PARAMETERS else {}
+    output = varlen_attn(
+        query, key, value, cu_seq_lens_q, cu_seq_lens_q, tokens, tokens, scale=scaling, window_size=(-1, 0), **grouped
+    )
+    return output.unsqueeze(0), None
+
+
+AttentionInterface.register(VARLEN, varlen_attention)
+# The mask transformers builds for the padded batches that fall back to SDPA.
+AttentionMaskInterface.register(VARLEN, sdpa_mask)
 
 
 def use_liger(model, method_type):
@@ -148,17 +196,17 @@ def compile_in_place(model):
     return bool(blocks)
 
 
-def use_cuda_graphs(model, packs, processes, fused_loss):
+def use_cuda_graphs(model, packs, fused_loss):
     """Whether the steps can run as CUDA graphs (GraphedSteps): TUNEDECK_CUDA_GRAPHS=0 turns them off.
 
     Only for packed rows, whose few lengths make few graphs (padded batches come in every
-    shape); in one process (DDP's gradient hooks are not captured); and where nothing in
-    the step waits on the GPU from Python: gradient checkpointing saves and restores RNG
-    states, and Liger's fused loss reads its token count back, neither of which a graph can hold.
+    shape), and where nothing in the step waits on the GPU from Python: gradient
+    checkpointing saves and restores RNG states, and Liger's fused loss reads its token
+    count back, neither of which a graph can hold.
     """
     if os.environ.get("TUNEDECK_CUDA_GRAPHS", "").strip().lower() in ("0", "false", "no", "off"):
         return False
-    if not (torch.cuda.is_available() and packs and processes == 1) or fused_loss:
+    if not (torch.cuda.is_available() and packs) or fused_loss:
         return False
     return not any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
 
@@ -175,22 +223,36 @@ class GraphedSteps:
     here; each replay's loss is read before the next replay. The optimizer step stays outside,
     a single fused kernel, so the learning-rate schedule, checkpoints and resuming see an
     ordinary optimizer. The gradients stay allocated between steps (the optimizer zeroes them
-    in place), since a graph writes them where its capture found them.
+    in place), since a graph writes them where its capture found them: in one buffer, which
+    several processes average in one all-reduce after each step, in place of DDP's hooks
+    (which no graph holds: the model runs unwrapped).
     """
 
     def __init__(self, forward_backward, parameters, log):
         self.forward_backward, self.log = forward_backward, log
+        # One dtype: trained weights are float32 (trainable_in_float32).
+        self.gradients = torch.zeros(sum(p.numel() for p in parameters), dtype=parameters[0].dtype, device="cuda")
+        offset = 0
         for parameter in parameters:
-            parameter.grad = torch.zeros_like(parameter)
+            parameter.grad = self.gradients[offset : offset + parameter.numel()].view_as(parameter)
+            offset += parameter.numel()
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.processes = torch.distributed.get_world_size() if distributed else 1
         self.loss = torch.zeros((), device="cuda")
         self.stream = torch.cuda.Stream()  # warm-up and capture both on one side stream, as torch's docs do
         self.pool = torch.cuda.graph_pool_handle()
-        self.graphs = {}  # row shape -> (graph, its input buffers)
+        self.graphs = {}  # the inputs' shapes -> (graph, its input buffers)
         self.seen = set()
         self.failed = False
 
     def __call__(self, batch):
-        shape = tuple(batch["input_ids"].shape)
+        loss = self.replay_or_run(batch)
+        if self.processes > 1:
+            torch.distributed.all_reduce(self.gradients, op=torch.distributed.ReduceOp.AVG)
+        return loss
+
+    def replay_or_run(self, batch):
+        shape = tuple(tuple(value.shape) for value in batch.values() if torch.is_tensor(value))
         if shape in self.graphs:
             graph, inputs = self.graphs[shape]
             for name, buffer in inputs.items():
@@ -215,7 +277,8 @@ class GraphedSteps:
         generator = torch.cuda.default_generators[torch.cuda.current_device()]
         random_state = generator.clone_state()
         try:
-            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+            # thread_local: the CUDA calls of other threads (NCCL's watchdog) go on during a capture.
+            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
                 self.loss.copy_(self.forward_backward(batch | inputs))
         except RuntimeError as error:
             # Something in this model's step waits on the GPU: the run goes on as it would without graphs.
