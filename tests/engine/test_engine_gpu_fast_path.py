@@ -101,7 +101,9 @@ def test_graphed_steps_in_two_processes_train_as_ddp_does(
         results[graphs] = run_in_processes(run, tmp_path / f"graphs-{graphs}")
         assert results[graphs].returncode == 0, results[graphs].stderr[-4000:]
     graphed, ddp = results[True], results[False]
-    assert any("CUDA graphs" in line["message"] for line in graphed.of("log"))
+    messages = [line["message"] for line in graphed.of("log")]
+    assert any("CUDA graphs" in message for message in messages), messages
+    assert not any("could not be captured" in message for message in messages), messages
     assert [line["gpus"] for line in graphed.of("started")] == [2]
     # Both processes' rows counted, the gradients averaged over both: DDP's numbers, step by step.
     assert [line["tokens_seen"] for line in graphed.of("step")] == [line["tokens_seen"] for line in ddp.of("step")]

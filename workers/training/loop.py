@@ -116,7 +116,11 @@ def train(run, outdir, progress, pause_requested=None):
         fused=on_gpu,  # one kernel for all parameters instead of several per tensor
     )
     compiled = speed.compile_in_place(model)
-    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    graphed = speed.use_cuda_graphs(model, packs, fused_loss)
+    # Graphed, several processes train without DDP's wrapper: its gradient hooks keep autograd nodes
+    # that break a graph's capture. GraphedSteps averages the gradients over the processes itself.
+    model = accelerator.prepare_model(model, evaluation_mode=graphed)
+    optimizer, train_loader, eval_loader = accelerator.prepare(optimizer, train_loader, eval_loader)
 
     # Counted on the prepared loader, which holds this process's share of the rows.
     steps_per_epoch = len(train_loader)
@@ -140,13 +144,8 @@ def train(run, outdir, progress, pause_requested=None):
         # Last: loading the model and applying the method drew from these generators too.
         restore_rng_states(state["rng"])
 
-    graphed = speed.use_cuda_graphs(accelerator.unwrap_model(model), packs, fused_loss)
-    # Graphed, the model runs without DDP's wrapper, whose gradient hooks no graph holds; GraphedSteps averages
-    # the gradients over the processes itself.
-    stepped_model = accelerator.unwrap_model(model) if graphed else model
-
     def forward_backward(batch):
-        loss = stepped_model(**batch).loss
+        loss = model(**batch).loss
         accelerator.backward(loss)
         return loss.detach()
 

@@ -224,8 +224,7 @@ class GraphedSteps:
     a single fused kernel, so the learning-rate schedule, checkpoints and resuming see an
     ordinary optimizer. The gradients stay allocated between steps (the optimizer zeroes them
     in place), since a graph writes them where its capture found them: in one buffer, which
-    several processes average in one all-reduce after each step, in place of DDP's hooks
-    (which no graph holds: the model runs unwrapped).
+    several processes average in one all-reduce after each step, in place of DDP's hooks.
     """
 
     def __init__(self, forward_backward, parameters, log):
@@ -238,6 +237,9 @@ class GraphedSteps:
             offset += parameter.numel()
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.processes = torch.distributed.get_world_size() if distributed else 1
+        if self.processes > 1:  # as DDP would: every process starts from the first one's weights
+            for parameter in parameters:
+                torch.distributed.broadcast(parameter.data, src=0)
         self.loss = torch.zeros((), device="cuda")
         self.stream = torch.cuda.Stream()  # warm-up and capture both on one side stream, as torch's docs do
         self.pool = torch.cuda.graph_pool_handle()
