@@ -124,13 +124,16 @@ VARLEN_PARAMETERS = varlen_parameters()
 
 def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, cu_seq_lens_q=None, **kwargs):
     """transformers' attention interface over varlen_attn for a packed row; SDPA for anything else (padded eval batches)."""
-    if cu_seq_lens_q is None or query.shape[0] != 1 or dropout:
+    # Flash attention computes in half precision only. Autocast does not cast a custom kernel's inputs
+    # itself, and full fine-tuning's float32 rotary embeddings hand it float32 queries and keys.
+    half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else query.dtype
+    if cu_seq_lens_q is None or query.shape[0] != 1 or dropout or half not in (torch.float16, torch.bfloat16):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     from torch.nn.attention.varlen import varlen_attn
 
     # One row: [1, heads, tokens, head_dim] -> [tokens, heads, head_dim]. The row's length bounds every
     # sequence in it, and stays the same for all batches of that length, as a CUDA graph needs.
-    query, key, value = (tensor[0].transpose(0, 1) for tensor in (query, key, value))
+    query, key, value = (tensor[0].transpose(0, 1).to(half) for tensor in (query, key, value))
     tokens = query.shape[0]
     # Fewer key/value heads than query heads (GQA): flash attention shares them itself; newer torch asks for the flag.
     grouped = {"enable_gqa": True} if key.shape[1] != query.shape[1] and "enable_gqa" in VARLEN_PARAMETERS else {}
