@@ -1,13 +1,13 @@
 """What makes the engine fast on a GPU, and how fast it went.
 
 Measured in bench/train_speed.py against transformers.Trainer + peft (bench/README.md):
-a bf16 base under frozen methods, padding-free packing (data.py) with FlexAttention
-keeping each sequence to itself, torch.compile of the transformer blocks and of the
-loss, each step replayed as a CUDA graph, fused AdamW and, with Liger Kernel installed,
-a fused linear + cross-entropy loss that never holds the whole vocabulary's logits.
-Each is a default where it pays; an admin can turn one off on a worker if a model trips
-it (`TUNEDECK_COMPILE=0`, `TUNEDECK_CUDA_GRAPHS=0`, `TUNEDECK_ATTENTION=sdpa`,
-`TUNEDECK_LIGER=0`). None of them applies on a CPU, where the same loop runs in float32, eager.
+a bf16 base under frozen methods, padding-free packing (data.py) with flash attention's
+variable-length kernel keeping each sequence to itself, torch.compile of the transformer
+blocks and of the loss, each step replayed as a CUDA graph (in one process or several),
+fused AdamW and, with Liger Kernel installed, a fused linear + cross-entropy loss that
+never holds the whole vocabulary's logits. Each is a default where it pays; an admin can
+turn one off on a worker if a model trips it (`TUNEDECK_COMPILE=0`, `TUNEDECK_CUDA_GRAPHS=0`,
+`TUNEDECK_ATTENTION=flex` or `sdpa`, `TUNEDECK_LIGER=0`). None of them applies on a CPU, where the same loop runs in float32, eager.
 """
 
 import inspect
