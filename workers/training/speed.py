@@ -7,7 +7,8 @@ blocks and of the loss, each step replayed as a CUDA graph (in one process or se
 fused AdamW and, with Liger Kernel installed, a fused linear + cross-entropy loss that
 never holds the whole vocabulary's logits. Each is a default where it pays; an admin can
 turn one off on a worker if a model trips it (`TUNEDECK_COMPILE=0`, `TUNEDECK_CUDA_GRAPHS=0`,
-`TUNEDECK_ATTENTION=flex` or `sdpa`, `TUNEDECK_LIGER=0`). None of them applies on a CPU, where the same loop runs in float32, eager.
+`TUNEDECK_ATTENTION=flex` or `sdpa`, `TUNEDECK_LIGER=0`). None of them applies on a CPU,
+where the same loop runs in float32, eager.
 """
 
 import inspect
