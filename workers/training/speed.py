@@ -112,15 +112,11 @@ def attend_within_sequences(model):
 VARLEN = "tunedeck_varlen"
 
 
-def varlen_parameters():
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return set()
-    return set(inspect.signature(varlen_attn).parameters)
-
-
-VARLEN_PARAMETERS = varlen_parameters()
+try:
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # older torch: FlexAttention then
+    varlen_attn = None
+VARLEN_PARAMETERS = set(inspect.signature(varlen_attn).parameters) if varlen_attn else set()
 
 
 def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, cu_seq_lens_q=None, **kwargs):
@@ -130,8 +126,6 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else query.dtype
     if cu_seq_lens_q is None or query.shape[0] != 1 or dropout or half not in (torch.float16, torch.bfloat16):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    from torch.nn.attention.varlen import varlen_attn
-
     # One row: [1, heads, tokens, head_dim] -> [tokens, heads, head_dim]. The row's length bounds every
     # sequence in it, and stays the same for all batches of that length, as a CUDA graph needs.
     query, key, value = (tensor[0].transpose(0, 1).to(half) for tensor in (query, key, value))
