@@ -234,3 +234,12 @@ class TrainingRun(_Strict):
     resume_from: str | None = None
     # Whether the model's own Python code (its config's auto_map) may run: an admin's choice per base model.
     trust_remote_code: bool = False
+    # Split weights, gradients and optimizer state across the job's GPUs (FSDP): set by the worker
+    # when the job would not fit one of them whole (jobs/placement.py).
+    shard_weights: bool = False
+
+    @model_validator(mode="after")
+    def _shard_only_what_fsdp_shards(self):
+        if self.shard_weights and self.spec.method.type == "qlora":
+            raise ValueError("shard_weights: QLoRA's 4-bit base weights cannot be sharded across GPUs")
+        return self

@@ -194,6 +194,14 @@ def load_trainable_parameters(model, checkpoint):
 
     Checked before anything is copied, so a refused checkpoint leaves the model as it was.
     """
+    check_trainable_parameters(model, checkpoint)
+    with torch.no_grad():
+        for name, parameter in trainable_parameters(model):
+            parameter.copy_(checkpoint.parameters[name])
+
+
+def check_trainable_parameters(model, checkpoint):
+    """ValueError unless the checkpoint's parameters are exactly the ones `model` trains, by name and shape."""
     expected, parameters = dict(trainable_parameters(model)), checkpoint.parameters
     problems = [
         f"{problem}: {_some(names)}"
@@ -204,9 +212,6 @@ def load_trainable_parameters(model, checkpoint):
             f"cannot resume from {checkpoint.directory}: its parameters are not the ones this run trains "
             f"(was it written for another method, base model or config?); " + "; ".join(problems)
         )
-    with torch.no_grad():
-        for name, parameter in expected.items():
-            parameter.copy_(parameters[name])
 
 
 def rng_states():

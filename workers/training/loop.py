@@ -8,13 +8,16 @@ summary. What makes it fast on a GPU is in speed.py.
 
 Under `accelerate launch` with N processes (one per GPU, DDP), every process
 trains on its own batches of batch_size rows and the gradients are averaged;
-the first process alone writes progress, checkpoints and the artifact.
+the first process alone writes progress, checkpoints and the artifact. A run
+that would not fit one GPU whole has its weights sharded across them (FSDP,
+sharding.py); the first process then keeps a full copy on the CPU to save.
 """
 
 import gc
 import math
 import time
 from collections import deque
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -22,8 +25,9 @@ from accelerate import Accelerator, skip_first_batches
 from accelerate.utils import set_seed
 from transformers import get_linear_schedule_with_warmup
 
-from workers.training import measure, speed
+from workers.training import measure, sharding, speed
 from workers.training.checkpoint import (
+    check_trainable_parameters,
     load_checkpoint,
     load_trainable_parameters,
     restore_rng_states,
@@ -63,6 +67,7 @@ def train(run, outdir, progress, pause_requested=None):
     on_gpu = torch.cuda.is_available()
     # bf16 keeps fp32's range, so it needs no loss scaling; GPUs without it train in full precision.
     accelerator = Accelerator(cpu=not on_gpu, mixed_precision="bf16" if speed.on_bf16_gpu() else "no")
+    sharded = run.shard_weights and accelerator.num_processes > 1
 
     # --- data ---
     tokenizer = load_tokenizer(run.model_path, run.trust_remote_code)
@@ -100,14 +105,16 @@ def train(run, outdir, progress, pause_requested=None):
         reference_loader = accelerator.prepare_data_loader(
             make_loader(data.reference, hyperparameters.batch_size, data.pad_token_id)
         )
-        reference_loss_before = reference_loss(model, reference_loader, accelerator)
-        progress.log(f"forgetting check: the base model's loss on the reference set is {reference_loss_before:.4f}")
+        if not sharded:  # else once sharded: whole, the base would not fit one GPU
+            reference_loss_before = reference_loss(model, reference_loader, accelerator)
     if hyperparameters.gradient_checkpointing:
         # Non-reentrant: the variant torch recommends, which also works when the inputs need no gradient.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = method.apply(model, spec.method, spec.task, architecture_family(model))
     speed.trainable_in_float32(model)
     trainable_params, total_params = count_parameters(model)
+    # Before the optimizer is made, which must hold the shards.
+    full_copy = sharding.shard(model, accelerator.is_main_process, speed.on_bf16_gpu()) if sharded else None
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         trained,
@@ -116,10 +123,12 @@ def train(run, outdir, progress, pause_requested=None):
         fused=on_gpu,  # one kernel for all parameters instead of several per tensor
     )
     compiled = speed.compile_in_place(model)
-    graphed = speed.use_cuda_graphs(model, packs, fused_loss)
+    # Sharded, the gradients are reduce-scattered as they come, outside anything a graph could hold.
+    graphed = not sharded and speed.use_cuda_graphs(model, packs, fused_loss)
     # Graphed, several processes train without DDP's wrapper: its gradient hooks keep autograd nodes
     # that break a graph's capture. GraphedSteps averages the gradients over the processes itself.
-    model = accelerator.prepare_model(model, evaluation_mode=graphed)
+    # Sharded, FSDP averages them.
+    model = accelerator.prepare_model(model, evaluation_mode=graphed or sharded)
     optimizer, train_loader, eval_loader = accelerator.prepare(optimizer, train_loader, eval_loader)
 
     # Counted on the prepared loader, which holds this process's share of the rows.
@@ -134,9 +143,13 @@ def train(run, outdir, progress, pause_requested=None):
     recent_losses = deque(maxlen=RECENT_STEPS)
     if run.resume_from:
         checkpoint = load_checkpoint(run.resume_from, steps_per_epoch, total_steps)
-        load_trainable_parameters(accelerator.unwrap_model(model), checkpoint)
         state = checkpoint.training_state
-        optimizer.load_state_dict(state["optimizer"])
+        if sharded:
+            check_trainable_parameters(model, checkpoint)
+            sharding.load(model, optimizer, checkpoint.parameters, state["optimizer"])
+        else:
+            load_trainable_parameters(accelerator.unwrap_model(model), checkpoint)
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, tokens_seen, training_seconds = state["step"], state["tokens_seen"], state["training_seconds"]
         earlier_wall_seconds = state["wall_seconds"]
@@ -151,6 +164,11 @@ def train(run, outdir, progress, pause_requested=None):
 
     take_step = speed.GraphedSteps(forward_backward, trained, progress.log) if graphed else forward_backward
 
+    if sharded and data.reference:
+        # Measured on the base's function: every method starts as it, but prefix and prompt tuning, which peft turns off.
+        with model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext():
+            reference_loss_before = reference_loss(model, reference_loader, accelerator)
+
     progress.emit(
         "started",
         resumed_from_step=step,
@@ -164,12 +182,22 @@ def train(run, outdir, progress, pause_requested=None):
     )
     progress.log(
         f"{'packed' if packs else 'padded'} batches, {next(model.parameters()).dtype} base weights"
+        f"{f', sharded over {accelerator.num_processes} processes (FSDP)' if sharded else ''}"
         f"{f', {attention}' if attention else ''}{', compiled' if compiled else ''}{', CUDA graphs' if graphed else ''}"
         f"{', fused linear cross-entropy' if fused_loss else ''}"
     )
+    if data.reference:
+        progress.log(f"forgetting check: the base model's loss on the reference set is {reference_loss_before:.4f}")
+
+    def whole_model_and_optimizer_state():
+        """The unwrapped model, whole, and the optimizer's state, on the first process; every process must call it."""
+        if sharded:
+            return full_copy, sharding.gather(model, optimizer, full_copy)
+        return accelerator.unwrap_model(model), optimizer.state_dict()
 
     def save_a_checkpoint(step):
         accelerator.wait_for_everyone()
+        whole_model, optimizer_state = whole_model_and_optimizer_state()
         if not accelerator.is_main_process:
             return None
         training_state = {
@@ -180,13 +208,11 @@ def train(run, outdir, progress, pause_requested=None):
             "training_seconds": training_seconds,
             "wall_seconds": earlier_wall_seconds + time.perf_counter() - wall_start,
             "recent_losses": list(recent_losses),
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(),
             "rng": rng_states(),
         }
-        path = save_checkpoint(
-            outdir, step, method, accelerator.unwrap_model(model), spec.base_model, data.label_names, training_state
-        )
+        path = save_checkpoint(outdir, step, method, whole_model, spec.base_model, data.label_names, training_state)
         progress.emit("checkpoint", step=step, path=path)
         return path
 
@@ -264,13 +290,15 @@ def train(run, outdir, progress, pause_requested=None):
     evaluation = run_eval(step) if data.eval else None
     reference_loss_after = reference_loss(model, reference_loader, accelerator) if reference_loader else None
     accelerator.wait_for_everyone()
+    if sharded:
+        sharding.gather(model, optimizer, full_copy)
     if not accelerator.is_main_process:
         return None
     # Taken now: merging below may load another copy of the base (QLoRA reloads it unquantized).
     peak_memory_mb = measure.peak_memory_mb()
     # Without the mixed-precision wrapper, the model returned computes in full
-    # precision, as the saved artifact will when loaded.
-    trained_model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    # precision, as the saved artifact will when loaded. Sharded, it is the full copy, on the CPU.
+    trained_model = full_copy if sharded else accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     method.save(trained_model, outdir / ADAPTER_DIR, spec.base_model, data.label_names)
     if spec.method.type == "full":
         # The whole model is the artifact; with its tokenizer it stands alone.
@@ -279,15 +307,22 @@ def train(run, outdir, progress, pause_requested=None):
 
     # --- inference latency, unmerged and merged ---
     # Timed on one eval batch (a train batch when nothing is held out), in the precision the job trained in.
-    latency_batch = next(iter(eval_loader if data.eval else train_loader))
-    real_tokens(latency_batch)  # a packed batch's count is not for the model
-    with accelerator.autocast():
-        latency_ms = measure.latency_ms(trained_model, latency_batch)
-    latency_merged_ms = None
+    # Not for a sharded run: its model is whole only in the CPU copy, which says nothing of a GPU's latency.
+    latency_batch = None
+    if not sharded:
+        latency_batch = next(iter(eval_loader if data.eval else train_loader))
+        real_tokens(latency_batch)  # a packed batch's count is not for the model
+
+    def latency_ms_of(timed_model):
+        if latency_batch is None:
+            return None
+        with accelerator.autocast():
+            return measure.latency_ms(timed_model, latency_batch)
+
+    latency_ms, latency_merged_ms = latency_ms_of(trained_model), None
     if can_merge:
         merged_model = method.merge(trained_model, run)
-        with accelerator.autocast():
-            latency_merged_ms = measure.latency_ms(merged_model, latency_batch)
+        latency_merged_ms = latency_ms_of(merged_model)
         if spec.export_merged:
             save_merged(merged_model, tokenizer, outdir / MERGED_DIR)
             progress.emit("artifact", kind="merged", path=MERGED_DIR)
