@@ -2,7 +2,9 @@
 
 A worker fits a job when it owns as many GPUs as the job asks for (a CPU-only
 worker counts as one: it runs one-GPU jobs on its CPU) and each GPU holds the
-estimate. A job is refused at submission when no known worker (online or not:
+estimate: whole, or, for a job of several GPUs that one would not hold, its weights
+and optimizer state sharded across them (FSDP; the worker's runner then says so
+in the TrainingRun). A job is refused at submission when no known worker (online or not:
 an offline one may come back) could hold it. Otherwise it goes to the queue
 whose online workers all fit it, preferring the queue whose workers have the
 fewest GPUs, then the most such workers, then the smallest memory, so large
@@ -44,16 +46,33 @@ class TooFewGpus(WontFit):
         Exception.__init__(self, describe_gpu_refusal(gpus, largest_worker))
 
 
-def estimate_for(base_model, spec, device="cuda"):
-    return estimate_peak_memory(base_model.architecture_info, spec, device)
+def estimate_for(base_model, spec, device="cuda", shards=1):
+    return estimate_peak_memory(base_model.architecture_info, spec, device, shards)
 
 
 def has_gpus_for(worker, spec):
     return worker.gpu_slots >= spec.gpus
 
 
+def shards_weights(worker, base_model, spec):
+    """Whether the job trains sharded (FSDP) on this worker: it asks for several GPUs and one would not hold it whole.
+
+    QLoRA's 4-bit weights are not sharded: that method is the way to fit a model into one GPU.
+    """
+    if spec.gpus < 2 or worker.device != "cuda" or spec.method.type == "qlora":
+        return False
+    whole = estimate_for(base_model, spec)
+    return whole is not None and not whole.fits(worker.capacity_mb)
+
+
+def estimate_on(worker, base_model, spec):
+    """The estimate per GPU, as the job would train on this worker: whole, or sharded where it must be."""
+    shards = spec.gpus if shards_weights(worker, base_model, spec) else 1
+    return estimate_for(base_model, spec, worker.device, shards)
+
+
 def fits_in_memory(worker, base_model, spec):
-    estimate = estimate_for(base_model, spec, worker.device)
+    estimate = estimate_on(worker, base_model, spec)
     return estimate is None or estimate.fits(worker.capacity_mb)
 
 
@@ -75,7 +94,7 @@ def place(base_model, spec):
     fitting = [worker for worker in with_gpus if fits_in_memory(worker, base_model, spec)]
     if not fitting:
         largest = max(with_gpus, key=lambda worker: worker.capacity_mb)
-        raise WontFit(estimate_for(base_model, spec, largest.device), largest, spec.gpus)
+        raise WontFit(estimate_on(largest, base_model, spec), largest, spec.gpus)
 
     candidates = []
     for queue in sorted({name for worker in workers for name in worker.queue_names}):

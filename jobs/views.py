@@ -112,11 +112,16 @@ def job_estimate(request):
             spec = None
         if spec is not None:
             estimate = placement.estimate_for(base_model, spec)
+            # What a worker whose GPUs cannot hold the job whole would train it in (placement.shards_weights).
+            sharded = None
+            if estimate and spec.gpus > 1 and spec.method.type != "qlora":
+                sharded = placement.estimate_for(base_model, spec, shards=spec.gpus)
             workers = [worker for worker in Worker.objects.all() if worker.capacity_mb]
             context = {
                 "estimate": estimate,
                 "parts": placement.describe_parts(estimate) if estimate else "",
                 "total": placement.gigabytes(estimate.total_mb) if estimate else "",
+                "sharded_total": placement.gigabytes(sharded.total_mb) if sharded else "",
                 "workers_known": len(workers),
                 "workers_that_fit": sum(placement.fits(worker, base_model, spec) for worker in workers),
                 "gpus": spec.gpus,

@@ -36,7 +36,7 @@ from django.core.files import File
 from django.core.files.base import ContentFile
 from django.utils import timezone
 
-from jobs import lifecycle
+from jobs import lifecycle, placement
 from jobs.model_card import model_card
 from jobs.models import Artifact, Checkpoint, Job, Metric
 from jobs.spec import JobSpec, TrainingRun
@@ -89,6 +89,12 @@ def prepare_workdir(job):
         run.reference_dataset_path = copy_dataset(job.reference_dataset, workdir, "reference")
         run.reference_dataset_format = job.reference_dataset.format
         run.reference_column_map = job.reference_dataset.column_map
+    if job.worker is not None and placement.shards_weights(job.worker, job.base_model, run.spec):
+        run.shard_weights = True
+        lifecycle.log_event(
+            job, f"one GPU of {job.worker.hostname} would not hold this job whole: its weights and optimizer state "
+            f"are sharded across its {run.spec.gpus} GPUs (FSDP)",
+        )
     checkpoint = job.checkpoints.exclude(file="").order_by("-step").first()
     if checkpoint is not None:
         run.resume_from = str(unpack_checkpoint(checkpoint, workdir / "resume"))

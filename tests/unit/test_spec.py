@@ -1,7 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from jobs.spec import JobSpec
+from jobs.spec import JobSpec, TrainingRun
 
 
 def error_fields(data):
@@ -73,3 +73,12 @@ def test_gpus_is_a_top_level_count_from_one_to_eight():
         assert error_fields({"base_model": "m", "dataset": 1, "gpus": bad}) == {"gpus"}
     # Not a hyperparameter: the engine trains each process the same way, the launcher decides how many.
     assert error_fields({"base_model": "m", "dataset": 1, "hyperparameters": {"gpus": 2}}) == {"hyperparameters.gpus"}
+
+
+def test_a_qlora_run_cannot_be_sharded():
+    spec = JobSpec(base_model="m", dataset=1, method={"type": "qlora"}, gpus=2)
+    files = {"model_path": "/m", "dataset_path": "/d.jsonl", "dataset_format": "text"}
+    with pytest.raises(ValidationError, match="shard_weights: QLoRA's 4-bit base weights cannot be sharded"):
+        TrainingRun(spec=spec, shard_weights=True, **files)
+    lora = JobSpec(base_model="m", dataset=1, method={"type": "lora"}, gpus=2)
+    assert TrainingRun(spec=lora, shard_weights=True, **files).shard_weights

@@ -6,8 +6,9 @@ import json
 import pytest
 
 from jobs.models import BaseModel, Job, Worker
+from jobs.spec import TrainingRun
 from jobs.uploads import store_dataset
-from workers import tasks
+from workers import runner, tasks
 
 GB = 1024
 PROMPT_ROWS = b'{"prompt": "2+2=", "completion": "4"}\n' * 4
@@ -162,3 +163,36 @@ def test_the_workers_page_and_api_show_how_many_gpus_each_worker_owns(client, ad
     assert '<td class="num gpu-count">0</td>' in page
     listed = {worker["hostname"]: worker["gpu_count"] for worker in client.get("/api/workers").json()}
     assert listed == {"cpu@host": 0, "four@gpu": 4, "one@gpu": 1}
+
+
+def test_a_job_one_gpu_cannot_hold_whole_is_sharded_across_the_gpus_it_asks_for(
+    submit, client, team_user, workers, llama_1b_shape, dataset
+):
+    """Full fine-tuning of the 1B shape needs ~31 GB on one GPU; the 16 GB GPUs of a 4-GPU worker hold a quarter each."""
+    workers["four"].gpu_memory_total_mb = 16 * GB
+    workers["four"].save()
+    small_batches = {"batch_size": 4, "max_seq_length": 512}
+    accepted = submit(llama_1b_shape, gpus=4, method={"type": "full"}, hyperparameters=small_batches)
+    assert accepted.status_code == 201, accepted.content
+    assert accepted.json()["queue"] == "gpu-4x"
+    # Not on two of them: half the weights and optimizer state per GPU is still too much.
+    refused = submit(llama_1b_shape, gpus=2, method={"type": "full"}, hyperparameters=small_batches)
+    assert refused.status_code == 400
+    assert "1/2 each" in refused.json()["detail"] and "four@gpu, has 16.0 GB" in refused.json()["detail"]
+
+    client.force_login(team_user)
+    estimate = client.get("/jobs/new/estimate/", new_job_form(llama_1b_shape, dataset, method="full", gpus=4,
+                                                              batch_size=4, max_seq_length=512),
+                          HTTP_HX_REQUEST="true").content.decode()
+    assert "sharded across the 4 (FSDP)" in estimate and "1 of 2 workers here can run it" in estimate
+
+    # The worker that runs it tells the engine to shard; the same job on GPUs that hold it whole is not sharded.
+    job = Job.objects.get(pk=accepted.json()["id"])
+    job.worker = workers["four"]
+    _, spec_path = runner.prepare_workdir(job)
+    assert TrainingRun.model_validate_json(spec_path.read_text()).shard_weights
+    assert job.events.filter(message__contains="sharded across its 4 GPUs (FSDP)").exists()
+    workers["four"].gpu_memory_total_mb = 80 * GB
+    workers["four"].save()
+    _, spec_path = runner.prepare_workdir(job)
+    assert not TrainingRun.model_validate_json(spec_path.read_text()).shard_weights

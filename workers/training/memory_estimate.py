@@ -44,6 +44,8 @@ GPU_CONTEXT_MB = 1024
 GPU_SLACK = 1.15
 
 STANDARD_GPU_SIZES_GB = (8, 16, 24, 40, 48, 80, 141)
+# What FSDP splits across the GPUs.
+SHARDED_PARTS = ("base weights", "trainable weights")
 
 
 @dataclass
@@ -68,11 +70,14 @@ class MemoryEstimate:
         return next((size for size in STANDARD_GPU_SIZES_GB if self.fits(size * 1024)), None)
 
 
-def estimate_peak_memory(info, spec, device="cuda"):
-    """MemoryEstimate for training `spec` (a jobs.spec.JobSpec) on `device` ("cuda" or "cpu").
+def estimate_peak_memory(info, spec, device="cuda", shards=1):
+    """MemoryEstimate for training `spec` (a jobs.spec.JobSpec) on `device` ("cuda" or "cpu"), per GPU.
 
     `info` is the base model's architecture_info; a model described before the
     shapes were recorded gives None (no estimate rather than a wrong one).
+    `shards` > 1: weights, gradients and optimizer state split across that many GPUs
+    (FSDP, sharding.py), each GPU also holding weights gathered whole (two blocks': the
+    one computing and the next, prefetched; and the head) in place of autocast's bf16 copies.
     """
     if not info or "linear_shapes" not in info:
         return None
@@ -131,6 +136,12 @@ def estimate_peak_memory(info, spec, device="cuda"):
     if device == "cpu":
         parts["Python, torch and libraries"] = CPU_PROCESS_BASELINE_MB * MB
 
+    if shards > 1:
+        sharded = {name: size / shards for name, size in parts.items() if name.startswith(SHARDED_PARTS)}
+        parts = {name: size for name, size in parts.items() if not name.startswith(SHARDED_PARTS + ("bf16 weight copies",))}
+        parts |= {f"{name}, 1/{shards} each": size for name, size in sharded.items()}
+        # The root's weights (embeddings, head) stay gathered from the forward to the end of the backward.
+        parts["weights gathered whole"] = (2 * linear_weights / layers + head_linear_weights) * (2 if device == "cuda" else 4)
     parts_mb = {name: size / MB for name, size in sorted(parts.items(), key=lambda item: -item[1])}
     return MemoryEstimate(device=device, parts_mb=parts_mb)
 
