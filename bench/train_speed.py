@@ -32,7 +32,8 @@ N = the matmul parameters including the LM head, against 989 TFLOP/s (H100 dense
 --profile adds a torch.profiler breakdown of the engine's LoRA step by kernel kind.
 Both sides record every step's loss; the JSON compares the curves (same seed, same batches).
 --gpus 1 2 runs our side on 1 and on 2 GPUs (`accelerate launch`, DDP: each GPU its own
-batches of --batch-size rows), for the multi-GPU scaling; --no-baseline skips the baseline.
+batches of --batch-size rows), for the multi-GPU scaling; --shard shards the weights there
+(FSDP), as for a job one GPU cannot hold; --no-baseline skips the baseline.
 --variant NAME:KEY=VALUE,... runs our side once more with those environment variables (e.g.
 eager:TUNEDECK_COMPILE=0), to measure one part of the engine against the rest in the same call.
 Writes OUT/train_speed.json (rewritten after every repetition) and prints a table last.
@@ -115,7 +116,7 @@ def engine_method(mode):
     return {"type": mode, **LORA, "target_modules": "all_linear"}
 
 
-def run_engine(mode, workdir, model_path, dataset_path, rows, steps, rep, gpus=1, variant=None):
+def run_engine(mode, workdir, model_path, dataset_path, rows, steps, rep, gpus=1, variant=None, shard=False):
     from jobs.spec import JobSpec, TrainingRun
 
     spec = JobSpec(
@@ -126,7 +127,8 @@ def run_engine(mode, workdir, model_path, dataset_path, rows, steps, rep, gpus=1
     )
     run_dir = workdir / f"engine-{mode}-{rep}-{gpus}gpu" if variant is None else workdir / f"engine-{mode}-{rep}-{variant[0]}"
     run_dir.mkdir(parents=True)
-    run = TrainingRun(spec=spec, model_path=str(model_path), dataset_path=str(dataset_path), dataset_format="text")
+    run = TrainingRun(spec=spec, model_path=str(model_path), dataset_path=str(dataset_path), dataset_format="text",
+                      shard_weights=shard and gpus > 1)
     (run_dir / "spec.json").write_text(run.model_dump_json())
     started = time.perf_counter()
     launcher = [sys.executable]
@@ -386,6 +388,8 @@ def main():
     parser.add_argument("--profile", action="store_true", help="also profile the engine's LoRA step")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="rows per optimizer step (per GPU)")
     parser.add_argument("--gpus", type=int, nargs="*", default=[1], help="GPU counts to run our side on")
+    parser.add_argument("--shard", action="store_true",
+                        help="on several GPUs, shard the weights (FSDP), as a worker does for a job one GPU cannot hold")
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--model-dir", type=Path, help="build the random model here, or reuse the one already there")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
@@ -434,7 +438,7 @@ def main():
         "command": " ".join([Path(sys.executable).name] + sys.argv),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "versions": versions(), "shape": args.shape, "matmul_parameters": n, "batch_size": BATCH_SIZE,
-        "gpus": args.gpus,
+        "gpus": args.gpus, "sharded": args.shard,
         "warmup_steps": args.warmup,
         "data": {"rows": rows, "median_length": statistics.median(lengths), "mean_length": statistics.mean(lengths),
                  "real_tokens_per_padded_token": sum(lengths) / sum(max(b) * len(b) for b in batches)},
@@ -460,7 +464,8 @@ def main():
                 else:
                     name = side.removeprefix("ours_")
                     variant = (name, variants[name]) if name in variants else None
-                    raw = run_engine(mode, workdir, model_path, dataset_path, rows, args.warmup + steps, rep, gpus, variant)
+                    raw = run_engine(mode, workdir, model_path, dataset_path, rows, args.warmup + steps, rep, gpus, variant,
+                                     args.shard)
                 if "steps" in raw:
                     got = [s["tokens"] for s in raw["steps"]]
                     expected = [sum(sum(batch) for batch in batches[gpus * i:gpus * (i + 1)])

@@ -128,6 +128,28 @@ def test_graphed_steps_in_two_processes_train_as_ddp_does(
     )
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="two processes need two GPUs")
+def test_sharded_processes_on_gpus_train_as_ddp_does(tiny_llama_path, instruction_set, make_run, tmp_path, monkeypatch):
+    """FSDP on GPUs: compiled blocks, weights gathered in bf16, gradients reduced in float32 (sharding.py)."""
+    run = lora_run(make_run, tiny_llama_path, instruction_set, max_steps=20, eval_fraction=0.1, eval_every=10,
+                   checkpoint_every=10)
+    monkeypatch.setenv("TUNEDECK_CUDA_GRAPHS", "0")
+    sharded = run_in_processes(run.model_copy(update={"shard_weights": True}), tmp_path / "fsdp")
+    assert sharded.returncode == 0, sharded.stderr[-4000:]
+    ddp = run_in_processes(run, tmp_path / "ddp")
+    assert ddp.returncode == 0, ddp.stderr[-4000:]
+    messages = " ".join(line["message"] for line in sharded.of("log"))
+    assert "sharded over 2 processes (FSDP)" in messages and "compiled" in messages
+    assert [line["tokens_seen"] for line in sharded.of("step")] == [line["tokens_seen"] for line in ddp.of("step")]
+    assert losses(sharded) == pytest.approx(losses(ddp), rel=2e-2, abs=2e-2)
+    assert losses(sharded)[-1] < losses(sharded)[0] - 0.5
+    assert [line["eval_loss"] for line in sharded.of("eval")] == pytest.approx(
+        [line["eval_loss"] for line in ddp.of("eval")], rel=2e-2, abs=2e-2
+    )
+    assert [line["step"] for line in sharded.of("checkpoint")] == [10, 20]
+    assert (sharded.outdir / "adapter" / "adapter_model.safetensors").exists()
+
+
 def test_a_step_that_cannot_be_captured_runs_eagerly_and_says_so():
     torch.manual_seed(0)
     weight = torch.nn.Parameter(torch.randn(4, 4, device="cuda"))
