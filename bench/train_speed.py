@@ -230,7 +230,8 @@ def baseline_worker(job):
 
 def run_baseline(mode, workdir, model_path, dataset_path, order, steps, rep):
     job = {"mode": mode, "model_path": str(model_path), "dataset_path": str(dataset_path), "order": order,
-           "steps": steps, "outdir": str(workdir / f"baseline-{mode}-{rep}"), "batch_size": BATCH_SIZE}
+           "steps": steps, "outdir": str(workdir / f"baseline-{mode}-{rep}"), "batch_size": BATCH_SIZE,
+           "lora_dropout": LORA["dropout"]}
     job_path = workdir / f"baseline-{mode}-{rep}.json"
     job_path.write_text(json.dumps(job))
     started = time.perf_counter()
@@ -388,6 +389,8 @@ def main():
     parser.add_argument("--profile", action="store_true", help="also profile the engine's LoRA step")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="rows per optimizer step (per GPU)")
     parser.add_argument("--gpus", type=int, nargs="*", default=[1], help="GPU counts to run our side on")
+    parser.add_argument("--lora-dropout", type=float, default=LORA["dropout"],
+                        help="LoRA's dropout on both sides (issue 7's workload: 0.05), to measure what it costs")
     parser.add_argument("--shard", action="store_true",
                         help="on several GPUs, shard the weights (FSDP), as a worker does for a job one GPU cannot hold")
     parser.add_argument("--no-baseline", action="store_true")
@@ -401,6 +404,7 @@ def main():
     if args.baseline_worker:
         job = json.loads(args.baseline_worker.read_text())
         BATCH_SIZE = job["batch_size"]
+        LORA["dropout"] = job["lora_dropout"]
         return baseline_worker(job)
     if args.profile_worker:
         return profile_worker(json.loads(args.profile_worker.read_text()))
@@ -416,6 +420,7 @@ def main():
     from workers.training.tiny_model import build_random_llama
 
     BATCH_SIZE = args.batch_size
+    LORA["dropout"] = args.lora_dropout
     global LOG_DIR
     LOG_DIR = args.out
 
@@ -438,7 +443,7 @@ def main():
         "command": " ".join([Path(sys.executable).name] + sys.argv),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "versions": versions(), "shape": args.shape, "matmul_parameters": n, "batch_size": BATCH_SIZE,
-        "gpus": args.gpus, "sharded": args.shard,
+        "gpus": args.gpus, "sharded": args.shard, "lora": LORA,
         "warmup_steps": args.warmup,
         "data": {"rows": rows, "median_length": statistics.median(lengths), "mean_length": statistics.mean(lengths),
                  "real_tokens_per_padded_token": sum(lengths) / sum(max(b) * len(b) for b in batches)},
