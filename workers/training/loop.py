@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, skip_first_batches
 from accelerate.utils import set_seed
+from torch.distributed.fsdp import FSDPModule
 from transformers import get_linear_schedule_with_warmup
 
 from workers.training import measure, sharding, speed
@@ -192,7 +193,8 @@ def train(run, outdir, progress, pause_requested=None):
     def whole_model_and_optimizer_state():
         """The unwrapped model, whole, and the optimizer's state, on the first process; every process must call it."""
         if sharded:
-            return full_copy, sharding.gather(model, optimizer, full_copy)
+            sharding.gather_weights(model, full_copy)
+            return full_copy, sharding.gather_optimizer_state(model, optimizer)
         return accelerator.unwrap_model(model), optimizer.state_dict()
 
     def save_a_checkpoint(step):
@@ -291,7 +293,7 @@ def train(run, outdir, progress, pause_requested=None):
     reference_loss_after = reference_loss(model, reference_loader, accelerator) if reference_loader else None
     accelerator.wait_for_everyone()
     if sharded:
-        sharding.gather(model, optimizer, full_copy)
+        sharding.gather_weights(model, full_copy)
     if not accelerator.is_main_process:
         return None
     # Taken now: merging below may load another copy of the base (QLoRA reloads it unquantized).
@@ -352,8 +354,10 @@ def train(run, outdir, progress, pause_requested=None):
 
 
 def reference_loss(model, loader, accelerator):
-    # A quantized base was loaded onto its device already and cannot be moved; prepare() moves the others later.
-    if not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
+    # A quantized base was loaded onto its device already and cannot be moved, nor can a sharded one, put on
+    # its device by sharding; prepare() moves the others later.
+    quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    if not (quantized or isinstance(model, FSDPModule)):
         model.to(accelerator.device)
     with accelerator.autocast():
         return evaluate(model, loader, "causal_lm_sft", accelerator).loss

@@ -12,7 +12,7 @@ DDP on a CPU, where torch's fully_shard runs as it does on GPUs (over gloo), so 
 tests this same path.
 
 Checkpoints, the artifact and merging need the weights whole: the first process keeps a
-full copy of the model on the CPU, made before sharding, into which `gather` copies the
+full copy of the model on the CPU, made before sharding, into which `gather_weights` copies the
 trained weights (every process takes part, each sending its shards). The optimizer state is
 gathered in the layout optimizer.state_dict() gives (parameter indices), so a checkpoint of a
 sharded run is the same as an unsharded one's, and either kind of run resumes from it.
@@ -21,7 +21,6 @@ sharded run is the same as an unsharded one's, and either kind of run resumes fr
 import copy
 
 import torch
-from accelerate.utils.other import is_repeated_blocks
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -30,6 +29,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from workers.training.speed import transformer_blocks
 
 # Only the first process's copy receives anything; the others get empty dicts.
 GATHERED = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -46,7 +47,7 @@ def shard(model, keep_full_copy, in_bf16):
     full_copy = copy.deepcopy(model) if keep_full_copy else None
     precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if in_bf16 else None
     options = {"mp_policy": precision} if precision else {}
-    blocks = [block for module in model.modules() if is_repeated_blocks(module) for block in module]
+    blocks = transformer_blocks(model)
     if not blocks:
         raise ValueError("cannot shard this model over several GPUs: it has no repeated transformer blocks to split")
     for block in blocks:
@@ -55,20 +56,24 @@ def shard(model, keep_full_copy, in_bf16):
     return full_copy
 
 
-def gather(model, optimizer, full_copy):
-    """Copy the trained weights into `full_copy` and return the optimizer's state whole (first process; None elsewhere).
+def gather_weights(model, full_copy):
+    """Copy the sharded model's trained weights into `full_copy` (the first process's; None elsewhere).
 
-    A collective: every process must call it at the same point.
+    A collective, as is gather_optimizer_state: every process must call it at the same point.
     """
     trained = get_model_state_dict(model, options=GATHERED_TRAINABLE)
-    optimizer_state = get_optimizer_state_dict(model, optimizer, options=GATHERED)
     if full_copy is None:
-        return None
+        return
     # Only the trained weights come back: the frozen ones in the copy are those it was made with.
     mismatch = full_copy.load_state_dict(trained, strict=False)
     if mismatch.unexpected_keys:
         raise RuntimeError(f"gathered weights the full copy lacks: {mismatch.unexpected_keys[:5]}")
-    return by_index(optimizer_state)
+
+
+def gather_optimizer_state(model, optimizer):
+    """The optimizer's state whole, in optimizer.state_dict()'s layout, on the first process ({} elsewhere)."""
+    state = get_optimizer_state_dict(model, optimizer, options=GATHERED)
+    return by_index(state) if state else {}
 
 
 def load(model, optimizer, parameters, optimizer_state):

@@ -184,7 +184,7 @@ def compile_in_place(model):
     mode = os.environ.get("TUNEDECK_COMPILE", "default").strip().lower()
     if not torch.cuda.is_available() or mode in ("0", "false", "no", "off"):
         return False
-    blocks = [block for module in model.modules() if is_repeated_blocks(module) for block in module]
+    blocks = transformer_blocks(model)
     for block in blocks:
         block.compile(mode=None if mode in ("1", "default") else mode, dynamic=True)
     # The loss too: compiled, it reads the bf16 logits once, instead of first writing a float32 copy of them
@@ -192,6 +192,11 @@ def compile_in_place(model):
     transformers_model = model.get_base_model() if hasattr(model, "get_base_model") else model
     transformers_model.loss_function = torch.compile(transformers_model.loss_function, dynamic=True)
     return bool(blocks)
+
+
+def transformer_blocks(model):
+    """The model's repeated blocks (its decoder or encoder layers), in order."""
+    return [block for module in model.modules() if is_repeated_blocks(module) for block in module]
 
 
 def use_cuda_graphs(model, packs, fused_loss):
