@@ -172,3 +172,16 @@ def test_full_fine_tuning_sharded_saves_the_model_unsharded_training_does(tiny_l
         [line["train_loss"] for line in unsharded.of("step")], rel=1e-5
     )
     assert_same_tensors(with_shards.outdir / "adapter" / "model.safetensors", unsharded.outdir / "adapter" / "model.safetensors")
+
+
+def test_a_sharded_run_resumes_from_an_unsharded_checkpoint(two_processes, lora_run, tmp_path):
+    """The same checkpoint layout either way: a job that moves to smaller GPUs goes on where it stopped."""
+    resumed_run = sharded(lora_run).model_copy(
+        update={"resume_from": str(two_processes.outdir / "checkpoints" / "step-000003")}
+    )
+    resumed = run_in_processes(resumed_run, tmp_path / "resumed")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    steps = two_processes.of("step")[3:]
+    assert [line["train_loss"] for line in resumed.of("step")] == pytest.approx([line["train_loss"] for line in steps], rel=1e-5)
+    assert_same_tensors(resumed.outdir / "adapter" / "adapter_model.safetensors",
+                        two_processes.outdir / "adapter" / "adapter_model.safetensors")
