@@ -54,12 +54,15 @@ def has_gpus_for(worker, spec):
     return worker.gpu_slots >= spec.gpus
 
 
-def shards_weights(worker, base_model, spec):
-    """Whether the job trains sharded (FSDP) on this worker: it asks for several GPUs and one would not hold it whole.
+def can_shard(spec):
+    """Whether the job could train sharded (FSDP): over several GPUs, and not QLoRA, whose 4-bit weights
+    are not sharded (that method is the way to fit a model into one GPU)."""
+    return spec.gpus > 1 and spec.method.type != "qlora"
 
-    QLoRA's 4-bit weights are not sharded: that method is the way to fit a model into one GPU.
-    """
-    if spec.gpus < 2 or worker.device != "cuda" or spec.method.type == "qlora":
+
+def shards_weights(worker, base_model, spec):
+    """Whether the job trains sharded on this worker: it could, and one of the worker's GPUs would not hold it whole."""
+    if not can_shard(spec) or worker.device != "cuda":
         return False
     whole = estimate_for(base_model, spec)
     return whole is not None and not whole.fits(worker.capacity_mb)

@@ -114,7 +114,7 @@ def job_estimate(request):
             estimate = placement.estimate_for(base_model, spec)
             # What a worker whose GPUs cannot hold the job whole would train it in (placement.shards_weights).
             sharded = None
-            if estimate and spec.gpus > 1 and spec.method.type != "qlora":
+            if estimate and placement.can_shard(spec):
                 sharded = placement.estimate_for(base_model, spec, shards=spec.gpus)
             workers = [worker for worker in Worker.objects.all() if worker.capacity_mb]
             context = {

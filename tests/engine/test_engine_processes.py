@@ -147,17 +147,22 @@ def test_a_sharded_checkpoint_holds_what_an_unsharded_one_does(two_sharded_proce
     assert state["optimizer"]["param_groups"] == unsharded_state["optimizer"]["param_groups"]
 
 
-def test_a_sharded_run_resumes_from_its_checkpoint_to_the_same_end(two_sharded_processes, lora_run, tmp_path):
+def assert_sharded_resume_ends_as(uninterrupted, lora_run, workdir):
+    """Resume sharded from `uninterrupted`'s checkpoint at step 3: the same later steps and the same adapter."""
     resumed_run = sharded(lora_run).model_copy(
-        update={"resume_from": str(two_sharded_processes.outdir / "checkpoints" / "step-000003")}
+        update={"resume_from": str(uninterrupted.outdir / "checkpoints" / "step-000003")}
     )
-    resumed = run_in_processes(resumed_run, tmp_path / "resumed")
+    resumed = run_in_processes(resumed_run, workdir)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
-    steps = two_sharded_processes.of("step")[3:]
+    steps = uninterrupted.of("step")[3:]
     assert [line["step"] for line in resumed.of("step")] == [line["step"] for line in steps]
     assert [line["train_loss"] for line in resumed.of("step")] == pytest.approx([line["train_loss"] for line in steps], rel=1e-5)
     assert_same_tensors(resumed.outdir / "adapter" / "adapter_model.safetensors",
-                        two_sharded_processes.outdir / "adapter" / "adapter_model.safetensors")
+                        uninterrupted.outdir / "adapter" / "adapter_model.safetensors")
+
+
+def test_a_sharded_run_resumes_from_its_checkpoint_to_the_same_end(two_sharded_processes, lora_run, tmp_path):
+    assert_sharded_resume_ends_as(two_sharded_processes, lora_run, tmp_path / "resumed")
 
 
 def test_full_fine_tuning_sharded_saves_the_model_unsharded_training_does(tiny_llama_path, instruction_set, make_run, tmp_path):
@@ -176,12 +181,4 @@ def test_full_fine_tuning_sharded_saves_the_model_unsharded_training_does(tiny_l
 
 def test_a_sharded_run_resumes_from_an_unsharded_checkpoint(two_processes, lora_run, tmp_path):
     """The same checkpoint layout either way: a job that moves to smaller GPUs goes on where it stopped."""
-    resumed_run = sharded(lora_run).model_copy(
-        update={"resume_from": str(two_processes.outdir / "checkpoints" / "step-000003")}
-    )
-    resumed = run_in_processes(resumed_run, tmp_path / "resumed")
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
-    steps = two_processes.of("step")[3:]
-    assert [line["train_loss"] for line in resumed.of("step")] == pytest.approx([line["train_loss"] for line in steps], rel=1e-5)
-    assert_same_tensors(resumed.outdir / "adapter" / "adapter_model.safetensors",
-                        two_processes.outdir / "adapter" / "adapter_model.safetensors")
+    assert_sharded_resume_ends_as(two_processes, lora_run, tmp_path / "resumed")
