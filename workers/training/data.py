@@ -274,6 +274,8 @@ def make_loader(examples, batch_size, pad_token_id, shuffle=False, seed=0, pack=
         # global one, which dropout uses: a resumed run, starting an iterator mid-epoch where the
         # uninterrupted run did not, would then see different dropout masks.
         generator=torch.Generator().manual_seed(seed),
+        # Pinned, a batch goes to the GPU without waiting for the step before it to end (non_blocking in loop.py).
+        pin_memory=torch.cuda.is_available(),
         collate_fn=partial(collate_packed, pad_token_id=pad_token_id, batch_size=batch_size)
         if pack
         else partial(collate, pad_token_id=pad_token_id),
