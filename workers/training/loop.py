@@ -229,6 +229,47 @@ def train(run, outdir, progress, pause_requested=None):
         return evaluation
 
     # --- the steps ---
+    def report(launched):
+        """Read a launched step's exchange (waiting for the GPU to finish that step) and write its progress line."""
+        nonlocal tokens_seen, training_seconds, step_start
+        reported_step, learning_rate, exchanged = launched
+        train_loss, tokens = exchanged.tolist()  # waits for that step alone: true timings
+        train_loss, tokens = train_loss / accelerator.num_processes, int(tokens)
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(
+                f"the training loss became {train_loss} at step {reported_step}; try a lower learning_rate"
+            )
+        recent_losses.append(train_loss)
+        tokens_seen += tokens
+        now = time.perf_counter()
+        training_seconds += now - step_start
+        tokens_per_sec = tokens / (now - step_start)
+        step_start = now
+        progress.emit(
+            "step",
+            step=reported_step,
+            epoch=reported_step / steps_per_epoch,
+            train_loss=train_loss,
+            learning_rate=learning_rate,
+            tokens_per_sec=tokens_per_sec,
+            tokens_seen=tokens_seen,
+            mfu=speed.mfu(tokens_per_sec, flops_per_token, peak_flops, accelerator.num_processes),
+            gpu_memory_mb=torch.cuda.max_memory_allocated() / 2**20 if on_gpu else None,
+            cpu_memory_mb=measure.peak_cpu_memory_mb(),
+        )
+
+    # Agreed on the CPUs (over gloo, beside the GPUs' NCCL), so that every process pauses after the same step
+    # without waiting for its GPU.
+    pause_group = torch.distributed.new_group(backend="gloo") if accelerator.num_processes > 1 else None
+
+    def pause_asked_by_any_process():
+        asked = (pause_requested is not None and pause_requested.is_set()) or (outdir / "PAUSE").exists()
+        if pause_group is None:
+            return asked
+        votes = torch.tensor([float(asked)])
+        torch.distributed.all_reduce(votes, op=torch.distributed.ReduceOp.MAX, group=pause_group)
+        return votes.item() > 0
+
     # Everything made so far (torch, the model, the data) lives until the end: frozen out of the
     # garbage collector's sight, its full collections no longer pause a step for tens of milliseconds.
     gc.freeze()
@@ -240,6 +281,7 @@ def train(run, outdir, progress, pause_requested=None):
         # Only a resumed run starts inside an epoch: it skips the batches trained on before the checkpoint.
         batches = iter(skip_first_batches(train_loader, batches_done) if batches_done else train_loader)
         batch = next(batches, None)
+        unread = None  # the step launched before this one, while its loss is not read yet
         while batch is not None:
             learning_rate = scheduler.get_last_lr()[0]
             tokens = real_tokens(batch)
@@ -248,47 +290,30 @@ def train(run, outdir, progress, pause_requested=None):
             scheduler.step()
             optimizer.zero_grad(set_to_none=not graphed)
             step += 1
+            # One exchange between the GPUs per step: the mean loss and all real tokens.
+            exchanged = torch.stack([loss.detach().float(), tokens.to(loss.device).float()])
+            launched = (step, learning_rate, speed.HostCopy(accelerator.reduce(exchanged, "sum")))
+            pausing = pause_asked_by_any_process()
 
-            # One exchange between the processes per step: the mean loss, all real tokens, and whether to pause.
-            # Made on the GPU (torch.full) without waiting for the step to end, as a copy from the CPU would.
-            pause_asked = (pause_requested is not None and pause_requested.is_set()) or (outdir / "PAUSE").exists()
-            exchanged = torch.stack(
-                [loss.detach().float(), tokens.to(loss.device).float(), torch.full((), float(pause_asked), device=loss.device)]
-            )
-            # While the GPU computes this step, the next batch is collated and its copy queued behind it:
-            # after the step, the GPU waited ~4 ms for that (of a 44 ms step, bench/README.md).
+            # The GPU is never left waiting on Python (bench/README.md): while it computes this step, the next
+            # batch is collated and its copy queued, and the step before's loss is read and reported.
             batch = next(batches, None)
-            train_loss, tokens, pausing = accelerator.reduce(exchanged, "sum").tolist()  # waits for the GPU: true timings
-            train_loss, tokens = train_loss / accelerator.num_processes, int(tokens)
-            if not math.isfinite(train_loss):
-                raise FloatingPointError(
-                    f"the training loss became {train_loss} at step {step}; try a lower learning_rate"
-                )
-            recent_losses.append(train_loss)
-            tokens_seen += tokens
-            now = time.perf_counter()
-            training_seconds += now - step_start
-            tokens_per_sec = tokens / (now - step_start)
-            progress.emit(
-                "step",
-                step=step,
-                epoch=step / steps_per_epoch,
-                train_loss=train_loss,
-                learning_rate=learning_rate,
-                tokens_per_sec=tokens_per_sec,
-                tokens_seen=tokens_seen,
-                mfu=speed.mfu(tokens_per_sec, flops_per_token, peak_flops, accelerator.num_processes),
-                gpu_memory_mb=torch.cuda.max_memory_allocated() / 2**20 if on_gpu else None,
-                cpu_memory_mb=measure.peak_cpu_memory_mb(),
-            )
-
+            if unread:
+                report(unread)
+            unread = launched
             # The last step is evaluated after the loop anyway.
-            eval_due = hyperparameters.eval_every and step % hyperparameters.eval_every == 0
-            if data.eval and eval_due and step < total_steps:
+            eval_due = data.eval and hyperparameters.eval_every and step % hyperparameters.eval_every == 0
+            checkpoint_due = step % hyperparameters.checkpoint_every == 0
+            if not (eval_due or checkpoint_due or pausing or step == total_steps or batch is None):
+                continue  # read after the next step is launched
+            # What follows needs this step's weights: nothing more is launched until this step is read.
+            report(unread)
+            unread = None
+            if eval_due and step < total_steps:
                 run_eval(step)
             # A pause asked for during the last step comes too late to save anything: the run finishes.
-            pausing = pausing > 0 and step < total_steps
-            if step % hyperparameters.checkpoint_every == 0 or pausing:
+            pausing = pausing and step < total_steps
+            if checkpoint_due or pausing:
                 checkpoint_path = save_a_checkpoint(step)
             if pausing:
                 progress.emit("paused", step=step, path=checkpoint_path)

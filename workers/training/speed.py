@@ -223,7 +223,7 @@ class GraphedSteps:
     (multiples of 256), so each length gets its own: its first batch runs as usual (compiling
     and warming the kernels for that shape), its second is captured, later ones replay. The
     graphs share one memory pool and keep their inputs, gradients and loss in buffers held
-    here; each replay's loss is read before the next replay. The optimizer step stays outside,
+    here; the loop copies each replay's loss out before the next replay. The optimizer step stays outside,
     a single fused kernel, so the learning-rate schedule, checkpoints and resuming see an
     ordinary optimizer. The gradients stay allocated between steps (the optimizer zeroes them
     in place), since a graph writes them where its capture found them: in one buffer, which
@@ -294,3 +294,23 @@ class GraphedSteps:
             return False
         self.graphs[shape] = (graph, inputs)
         return True
+
+
+class HostCopy:
+    """A GPU tensor's copy to the CPU, queued now; tolist() waits for the copy alone, not for work queued after it.
+
+    Reading a GPU tensor (.tolist(), .item()) queues its copy behind everything launched so far;
+    the loop reads a step's loss after it has launched the next step, which must not be waited for.
+    """
+
+    def __init__(self, tensor):
+        self.copy = tensor.to("cpu", non_blocking=True)  # into pinned memory, which a copy needs to run queued
+        self.copied = None
+        if tensor.is_cuda:
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+
+    def tolist(self):
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.copy.tolist()
