@@ -214,6 +214,11 @@ def use_cuda_graphs(model, packs, fused_loss):
     return not any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
 
 
+def graph_key(batch):
+    """What tells a batch's graph from the others': the shapes of its tensors."""
+    return tuple(tuple(value.shape) for value in batch.values() if torch.is_tensor(value))
+
+
 class GraphedSteps:
     """A step's forward and backward replayed as one CUDA graph, one graph per packed row length.
 
@@ -257,7 +262,7 @@ class GraphedSteps:
         return loss
 
     def replay_or_run(self, batch):
-        shape = tuple(tuple(value.shape) for value in batch.values() if torch.is_tensor(value))
+        shape = graph_key(batch)
         if shape in self.graphs:
             graph, inputs = self.graphs[shape]
             for name, buffer in inputs.items():
