@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
+from peft.tuners.lora.layer import Linear as LoraLinear
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
@@ -58,10 +59,8 @@ class FusedLoraLinear(torch.autograd.Function):
 
 def fuse_lora_linears(model):
     """Each peft LoRA Linear computes through FusedLoraLinear instead of its own forward."""
-    from peft.tuners.lora.layer import Linear
-
     for module in model.modules():
-        if isinstance(module, Linear):
+        if isinstance(module, LoraLinear):
             def forward(x, module=module):
                 dropout = module.lora_dropout["default"]
                 p = dropout.p if isinstance(dropout, torch.nn.Dropout) and module.training else 0.0
