@@ -1,0 +1,140 @@
+"""LoRA's dropout and down-projection in one Triton kernel (workers/training/lora_dropout.py).
+
+On the CPU the kernels run in Triton's interpreter, in a process of their own (TRITON_INTERPRET is
+read when the kernels are defined); on a GPU (`-m gpu`) compiled, in CUDA graphs and in the engine.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+
+from jobs.spec import LoraConfig
+from tests.engine.test_engine_gpu_fast_path import engine_run, lora_run, losses
+from workers.training import speed
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def against_reference(device, dtype):
+    """The kernel's output and gradients beside torch's dropout-then-matmul with the kernel's own mask.
+
+    Rows that are no multiple of the blocks and a rank no power of two, as a user's settings may be.
+    """
+    from workers.training import lora_dropout
+
+    generator = torch.Generator(device).manual_seed(0)
+    rows, columns, rank, p = 70, 512, 12, 0.25
+    x = torch.randn(1, rows, columns, device=device, generator=generator).to(dtype).requires_grad_()
+    a = (0.05 * torch.randn(rank, columns, device=device, generator=generator)).to(dtype).requires_grad_()
+    seed = torch.tensor([1234], device=device)
+    h = lora_dropout.dropout_down(x, a, seed, p)
+    grad_h = torch.randn(h.shape, device=device, generator=generator).to(dtype)
+    h.backward(grad_h)
+
+    kept = lora_dropout.mask(seed, rows, columns, p)
+    x_float, a_float = x.detach().float().requires_grad_(), a.detach().float().requires_grad_()
+    h_expected = (x_float[0] * kept / (1 - p)) @ a_float.t()
+    h_expected.backward(grad_h[0].float())
+
+    def largest_relative_difference(found, expected):
+        return ((found.float() - expected).abs().max() / expected.abs().max()).item()
+
+    return {
+        "kept share": kept.float().mean().item(),
+        "same seed, same mask": bool((lora_dropout.mask(seed, rows, columns, p) == kept).all()),
+        "another seed's mask differs at": (lora_dropout.mask(seed + 1, rows, columns, p) != kept).float().mean().item(),
+        "h": largest_relative_difference(h[0], h_expected),
+        "x's gradient": largest_relative_difference(x.grad, x_float.grad),
+        "A's gradient": largest_relative_difference(a.grad, a_float.grad),
+    }
+
+
+def check(found, tolerance):
+    p = 0.25
+    assert found["kept share"] == pytest.approx(1 - p, abs=0.015), found
+    assert found["same seed, same mask"], found
+    # Two independent masks disagree where one keeps and the other drops: 2p(1-p) of the entries.
+    assert found["another seed's mask differs at"] == pytest.approx(2 * p * (1 - p), abs=0.02), found
+    for name in ("h", "x's gradient", "A's gradient"):
+        assert found[name] < tolerance, (name, found)
+
+
+def test_the_kernel_computes_dropout_then_the_down_projection_in_the_interpreter():
+    script = (
+        "import json, torch; from tests.engine.test_lora_dropout import against_reference; "
+        "print(json.dumps(against_reference('cpu', torch.float32)))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=os.environ | {"TRITON_INTERPRET": "1"}, cwd=ROOT,
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    check(json.loads(result.stdout.splitlines()[-1]), tolerance=1e-5)
+
+
+@pytest.mark.gpu
+def test_the_kernel_computes_dropout_then_the_down_projection_on_the_gpu():
+    check(against_reference("cuda", torch.bfloat16), tolerance=2e-2)
+
+
+@pytest.mark.gpu
+def test_a_compiled_graphed_lora_layer_draws_a_new_mask_at_each_replay():
+    from workers.training import lora_dropout
+
+    torch.manual_seed(0)
+    # B random, not zero as peft starts it: the output must depend on the mask.
+    model = peft.get_peft_model(
+        torch.nn.Sequential(torch.nn.Linear(256, 256)).cuda().to(torch.bfloat16),
+        peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["0"], init_lora_weights=False),
+    )
+    speed.trainable_in_float32(model)
+    assert lora_dropout.use_dropout_kernel(model) == 1
+    model.compile(dynamic=True)
+    x = torch.randn(1, 64, 256, device="cuda", dtype=torch.bfloat16)
+
+    def forward_backward(batch):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(batch["input_ids"]).float().sum()
+        loss.backward()
+        return loss.detach()
+
+    trained = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    messages = []
+    steps = speed.GraphedSteps(forward_backward, trained, messages.append)
+    replays = torch.tensor([float(steps({"input_ids": x})) for _ in range(200)])
+    assert steps.graphs and not messages, messages  # captured, and the later steps are replays
+
+    model.eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        without_dropout = model(x).float().sum().item()
+    # The loss is linear in the mask: each replay draws its own, and their mean is the loss without dropout.
+    assert len(set(replays[2:].tolist())) > 190
+    spread = replays.std().item()
+    assert spread > 0
+    assert abs(replays.mean().item() - without_dropout) < 4 * spread / len(replays) ** 0.5 + 1e-2 * abs(without_dropout)
+
+
+@pytest.mark.gpu
+def test_lora_with_dropout_trains_through_the_kernel_as_through_peft(
+    tiny_llama_path, instruction_set, make_run, run_engine, tmp_path, monkeypatch
+):
+    run = lora_run(make_run, tiny_llama_path, instruction_set, method=LoraConfig(r=16, alpha=32, dropout=0.1, target_modules="all_linear"))
+    monkeypatch.setenv("TUNEDECK_LORA_KERNEL", "1")
+    kernel = engine_run(run_engine, run, tmp_path / "kernel", monkeypatch, graphs=True)
+    monkeypatch.setenv("TUNEDECK_LORA_KERNEL", "0")
+    plain = engine_run(run_engine, run, tmp_path / "peft", monkeypatch, graphs=True)
+
+    assert any("LoRA dropout kernel in" in line["message"] for line in kernel.of("log"))
+    assert not any("LoRA dropout kernel" in line["message"] for line in plain.of("log"))
+    # Other masks, so not the same numbers: the same descent, within the noise of dropout.
+    assert sum(losses(kernel)[-10:]) / 10 == pytest.approx(sum(losses(plain)[-10:]) / 10, rel=0.05)
+    assert losses(kernel)[-1] < losses(kernel)[0] - 0.5
+    adapter = kernel.outdir / "adapter"
+    assert peft.PeftConfig.from_pretrained(adapter).lora_dropout == 0.1
+    assert (adapter / "adapter_model.safetensors").exists()

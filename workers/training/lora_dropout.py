@@ -1,0 +1,212 @@
+"""LoRA's dropout and down-projection as one Triton kernel, forward and backward.
+
+peft computes a LoRA branch as lora_B(lora_A(dropout(x))). On the 1B benchmark of issue 7 the
+dropout alone cost 3.3 ms of a 40 ms step (bench/lora_layer.py): for each of a layer's seven
+linears it draws a random number per input element, writes the mask and a dropped copy of the
+input, and reads both back in the backward. Here one kernel reads x once, draws the mask as it
+goes and returns only h = dropout(x) A^T, a few columns wide; the backward draws the same mask
+again from the step's seed instead of keeping it. One Philox draw gives eight 16-bit numbers, so
+eight mask entries (a drop chance of p rounded to 1/65536). lora_B, the scaling, the saved
+adapter and everything peft does around the branch are unchanged: only lora_A(dropout(x)) is
+computed here, as the same function of the same weights.
+
+The engine's default on a bf16 GPU for LoRA and QLoRA with dropout (speed.use_lora_dropout_kernel).
+"""
+
+import torch
+import triton
+import triton.language as tl
+from peft.tuners.lora.layer import LoraLayer
+from torch.library import triton_op, wrap_triton
+
+# One Philox call draws four 32-bit numbers, eight 16-bit ones: eight neighbouring inputs' masks.
+MASKS_PER_DRAW = 8
+DROP_RESOLUTION = 1 << 16
+# Launch settings, the fastest of a sweep on an H100 at one step's 2,640 rows, 2,048 and 8,192 wide
+# (bench/README.md). The forward splits the width over programs as well as the rows, so that a
+# step's few thousand rows still make enough programs to fill the GPU.
+ROWS_PER_BLOCK = 16
+COLUMNS_PER_BLOCK = 128
+COLUMNS_PER_PROGRAM = 512
+FORWARD_WARPS, FORWARD_STAGES = 4, 3
+BACKWARD_ROWS_PER_BLOCK = 64
+BACKWARD_COLUMNS_PER_BLOCK = 64
+BACKWARD_BLOCKS_PER_PROGRAM = 2  # row blocks one backward program walks, summing its share of A's gradient
+BACKWARD_WARPS, BACKWARD_STAGES = 4, 2
+
+
+@triton.jit
+def _kept(seed, rows, first_column, columns, drop_below, BLOCK_ROWS: tl.constexpr, BLOCK_COLUMNS: tl.constexpr):
+    """Which of a block's inputs dropout keeps: a function of (seed, row, column) alone, whatever the blocks."""
+    groups = first_column // 8 + tl.arange(0, BLOCK_COLUMNS // 8)
+    offsets = rows[:, None] * (columns // 8) + groups[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, offsets)
+    low = tl.join(tl.join(r0 & 0xFFFF, r0 >> 16), tl.join(r1 & 0xFFFF, r1 >> 16))
+    high = tl.join(tl.join(r2 & 0xFFFF, r2 >> 16), tl.join(r3 & 0xFFFF, r3 >> 16))
+    draws = tl.reshape(tl.join(low, high), (BLOCK_ROWS, BLOCK_COLUMNS))
+    return draws.to(tl.int32) >= drop_below
+
+
+@triton.jit
+def _forward_kernel(
+    x_ptr, a_ptr, h_parts_ptr, seed_ptr, rows_count, columns, x_row_stride, drop_below, keep_scale,
+    RANK: tl.constexpr, RANK_BLOCK: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLUMNS: tl.constexpr,
+    COLUMNS_PER_PROGRAM: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    part = tl.program_id(1)
+    ranks = tl.arange(0, RANK_BLOCK)
+    seed = tl.load(seed_ptr)
+    h = tl.zeros((BLOCK_ROWS, RANK_BLOCK), dtype=tl.float32)
+    for first_column in range(part * COLUMNS_PER_PROGRAM, (part + 1) * COLUMNS_PER_PROGRAM, BLOCK_COLUMNS):
+        cols = first_column + tl.arange(0, BLOCK_COLUMNS)
+        inside = (rows[:, None] < rows_count) & (cols[None, :] < columns)
+        x = tl.load(x_ptr + rows[:, None] * x_row_stride + cols[None, :], mask=inside, other=0.0)
+        kept = _kept(seed, rows, first_column, columns, drop_below, BLOCK_ROWS, BLOCK_COLUMNS)
+        x = tl.where(kept, x, tl.zeros_like(x))
+        a = tl.load(a_ptr + ranks[None, :] * columns + cols[:, None], mask=(ranks[None, :] < RANK) & (cols[:, None] < columns), other=0.0)
+        h += tl.dot(x, a)
+    tl.store(h_parts_ptr + part * rows_count * RANK + rows[:, None] * RANK + ranks[None, :], h * keep_scale,
+             mask=(rows[:, None] < rows_count) & (ranks[None, :] < RANK))
+
+
+@triton.jit
+def _backward_kernel(
+    x_ptr, a_ptr, grad_h_ptr, grad_x_ptr, grad_a_parts_ptr, seed_ptr, rows_count, columns, x_row_stride,
+    drop_below, keep_scale,
+    RANK: tl.constexpr, RANK_BLOCK: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLUMNS: tl.constexpr,
+    BLOCKS_PER_PROGRAM: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_COLUMNS + tl.arange(0, BLOCK_COLUMNS)
+    part = tl.program_id(1)
+    ranks = tl.arange(0, RANK_BLOCK)
+    seed = tl.load(seed_ptr)
+    a = tl.load(a_ptr + ranks[:, None] * columns + cols[None, :], mask=(ranks[:, None] < RANK) & (cols[None, :] < columns), other=0.0)
+    grad_a = tl.zeros((RANK_BLOCK, BLOCK_COLUMNS), dtype=tl.float32)
+    for block in range(BLOCKS_PER_PROGRAM):
+        rows = (part * BLOCKS_PER_PROGRAM + block) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        inside = (rows[:, None] < rows_count) & (cols[None, :] < columns)
+        kept = _kept(seed, rows, tl.program_id(0) * BLOCK_COLUMNS, columns, drop_below, BLOCK_ROWS, BLOCK_COLUMNS)
+        grad_h = tl.load(grad_h_ptr + rows[:, None] * RANK + ranks[None, :], mask=(rows[:, None] < rows_count) & (ranks[None, :] < RANK), other=0.0)
+        x = tl.load(x_ptr + rows[:, None] * x_row_stride + cols[None, :], mask=inside, other=0.0)
+        x = tl.where(kept, x, tl.zeros_like(x))
+        grad_a += tl.dot(tl.trans(grad_h), x)
+        grad_x = tl.where(kept, tl.dot(grad_h, a) * keep_scale, 0.0)
+        tl.store(grad_x_ptr + rows[:, None] * columns + cols[None, :], grad_x.to(grad_x_ptr.dtype.element_ty), mask=inside)
+    tl.store(grad_a_parts_ptr + part * RANK * columns + ranks[:, None] * columns + cols[None, :], grad_a * keep_scale,
+             mask=(ranks[:, None] < RANK) & (cols[None, :] < columns))
+
+
+def _drop_below(p):
+    return round(p * DROP_RESOLUTION)
+
+
+def _rank_block(rank):
+    return max(16, triton.next_power_of_2(rank))  # tl.dot's smallest side
+
+
+@triton_op("tunedeck::lora_dropout_down", mutates_args=())
+def dropout_down(x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    """dropout(x, p) @ lora_a.T, the mask drawn from `seed` (a one-element int64 tensor on x's device)."""
+    rows = x.reshape(-1, x.shape[-1])
+    rank, columns = lora_a.shape
+    # Each program sums over its share of the width; the shares are added after, in a fixed order (no atomics).
+    h_parts = torch.empty((triton.cdiv(columns, COLUMNS_PER_PROGRAM), rows.shape[0], rank), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(rows.shape[0], ROWS_PER_BLOCK), h_parts.shape[0])
+    wrap_triton(_forward_kernel)[grid](
+        rows, lora_a, h_parts, seed, rows.shape[0], columns, rows.stride(0), _drop_below(p), 1 / (1 - p),
+        RANK=rank, RANK_BLOCK=_rank_block(rank), BLOCK_ROWS=ROWS_PER_BLOCK, BLOCK_COLUMNS=COLUMNS_PER_BLOCK,
+        COLUMNS_PER_PROGRAM=COLUMNS_PER_PROGRAM, num_warps=FORWARD_WARPS, num_stages=FORWARD_STAGES,
+    )
+    return h_parts.sum(0).to(x.dtype).view(*x.shape[:-1], rank)
+
+
+@triton_op("tunedeck::lora_dropout_down_backward", mutates_args=())
+def dropout_down_backward(
+    x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, grad_h: torch.Tensor, p: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = x.reshape(-1, x.shape[-1])
+    grad_h = grad_h.reshape(-1, grad_h.shape[-1]).contiguous()
+    rank, columns = lora_a.shape
+    parts = triton.cdiv(rows.shape[0], BACKWARD_ROWS_PER_BLOCK * BACKWARD_BLOCKS_PER_PROGRAM)
+    grad_x = torch.empty((rows.shape[0], columns), dtype=x.dtype, device=x.device)
+    # As in the forward, A's gradient is summed in parts, one per program's rows.
+    grad_a_parts = torch.empty((parts, rank, columns), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(columns, BACKWARD_COLUMNS_PER_BLOCK), parts)
+    wrap_triton(_backward_kernel)[grid](
+        rows, lora_a, grad_h, grad_x, grad_a_parts, seed, rows.shape[0], columns, rows.stride(0),
+        _drop_below(p), 1 / (1 - p),
+        RANK=rank, RANK_BLOCK=_rank_block(rank), BLOCK_ROWS=BACKWARD_ROWS_PER_BLOCK,
+        BLOCK_COLUMNS=BACKWARD_COLUMNS_PER_BLOCK, BLOCKS_PER_PROGRAM=BACKWARD_BLOCKS_PER_PROGRAM,
+        num_warps=BACKWARD_WARPS, num_stages=BACKWARD_STAGES,
+    )
+    return grad_x.view(x.shape), grad_a_parts.sum(0).to(lora_a.dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    x, lora_a, seed, p = inputs
+    ctx.save_for_backward(x, lora_a, seed)
+    ctx.p = p
+
+
+def _backward(ctx, grad_h):
+    x, lora_a, seed = ctx.saved_tensors
+    grad_x, grad_a = dropout_down_backward(x, lora_a, seed, grad_h, ctx.p)
+    return grad_x, grad_a, None, None
+
+
+dropout_down.register_autograd(_backward, setup_context=_setup_context)
+
+
+def mask(seed, rows, columns, p):
+    """The keep mask dropout_down draws for an input of this shape (for checking it)."""
+    kept = torch.empty((rows, columns), dtype=torch.bool, device=seed.device)
+    grid = (triton.cdiv(rows, ROWS_PER_BLOCK), triton.cdiv(columns, COLUMNS_PER_BLOCK))
+    _mask_kernel[grid](kept, seed, rows, columns, _drop_below(p), BLOCK_ROWS=ROWS_PER_BLOCK, BLOCK_COLUMNS=COLUMNS_PER_BLOCK)
+    return kept
+
+
+@triton.jit
+def _mask_kernel(kept_ptr, seed_ptr, rows_count, columns, drop_below, BLOCK_ROWS: tl.constexpr, BLOCK_COLUMNS: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.program_id(1) * BLOCK_COLUMNS + tl.arange(0, BLOCK_COLUMNS)
+    kept = _kept(tl.load(seed_ptr), rows, tl.program_id(1) * BLOCK_COLUMNS, columns, drop_below, BLOCK_ROWS, BLOCK_COLUMNS)
+    tl.store(kept_ptr + rows[:, None] * columns + cols[None, :], kept, mask=(rows[:, None] < rows_count) & (cols[None, :] < columns))
+
+
+def lora_forward(module, x, *args, **kwargs):
+    """peft's LoRA Linear forward, with lora_A(dropout(x)) from dropout_down while training; peft's own otherwise."""
+    adapter = module.active_adapters[0] if len(module.active_adapters) == 1 else None
+    dropout = module.lora_dropout[adapter] if adapter in module.lora_A else None
+    if (
+        not module.training
+        or not isinstance(dropout, torch.nn.Dropout)
+        or module.disable_adapters
+        or module.merged
+        or adapter in module.lora_variant
+        or kwargs.get("adapter_names") is not None
+    ):
+        return type(module).forward(module, x, *args, **kwargs)
+    result = module.base_layer(x, *args, **kwargs)
+    half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+    # Drawn on the GPU as part of the step, so that a replayed CUDA graph draws a new one each time.
+    seed = torch.randint(2**31 - 1, (1,), device=x.device)
+    h = dropout_down(x.to(half), module.lora_A[adapter].weight.to(half), seed, dropout.p)
+    return (result + module.lora_B[adapter](h) * module.scaling[adapter]).to(result.dtype)
+
+
+def use_dropout_kernel(model):
+    """Route each LoRA Linear's dropout and down-projection through dropout_down; how many were.
+
+    Those of peft's LoRA Linears (QLoRA's 4-bit one included) that have a dropout and an
+    input width the mask's groups of eight divide. For a bf16 GPU, which the kernel computes in.
+    """
+    routed = 0
+    for module in model.modules():
+        if not isinstance(module, LoraLayer) or not isinstance(module.base_layer, torch.nn.Linear):
+            continue
+        if module.in_features % MASKS_PER_DRAW or not any(isinstance(d, torch.nn.Dropout) for d in module.lora_dropout.values()):
+            continue
+        module.forward = lora_forward.__get__(module)
+        routed += 1
+    return routed
