@@ -5,8 +5,8 @@
 The same layer, compiled and replayed as a CUDA graph, at the tokens of one step of issue 7's
 benchmark: the frozen bf16 base alone (gradients to the input only, as under any frozen method),
 then with peft LoRA (r=16, alpha=32, all seven linears, float32 adapter weights under bf16 autocast,
-as the engine trains) at dropout 0.05 and 0, and at dropout 0.05 with the engine's Triton kernels
-for the branch (workers/training/lora_kernels.py). Attention here is SDPA over the
+as the engine trains) at dropout 0.05 and 0, and at dropout 0.05 with the engine's Triton kernel for
+the dropout and A's product (workers/training/lora_dropout.py). Attention here is SDPA over the
 whole row (no packing); it is the same in all. Prints and writes milliseconds per layer (median of
 5 runs of 50 replays); --profile also prints the GPU kernels of one step of the two dropout-0.05
 layers, longest first.
@@ -26,7 +26,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from workers.training.lora_kernels import use_kernels  # noqa: E402
+from workers.training.lora_dropout import use_dropout_kernel  # noqa: E402
 
 CONFIG = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8,
                      num_hidden_layers=1, vocab_size=128256, attn_implementation="sdpa")
@@ -60,7 +60,7 @@ def lora_layer(dropout):
 
 def kernel_layer():
     model = lora_layer(0.05)
-    assert use_kernels(model) == len(LINEARS)
+    assert use_dropout_kernel(model) == len(LINEARS)
     return model
 
 
@@ -113,7 +113,7 @@ def main():
     layers = {
         "frozen base": frozen_layer,
         "lora r16 dropout 0.05": lambda: lora_layer(0.05),
-        "lora r16 dropout 0.05, our kernels": kernel_layer,
+        "lora r16 dropout 0.05, dropout kernel": kernel_layer,
         "lora r16 dropout 0.0": lambda: lora_layer(0.0),
     }
     results = {}

@@ -118,7 +118,7 @@ def train(run, outdir, progress, pause_requested=None):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = method.apply(model, spec.method, spec.task, architecture_family(model))
     speed.trainable_in_float32(model)
-    lora_kernels = speed.use_lora_kernels(model)
+    lora_dropout_kernel = speed.use_lora_dropout_kernel(model)
     trainable_params, total_params = count_parameters(model)
     # Before the optimizer is made, which must hold the shards.
     full_copy = sharding.shard(model, accelerator.is_main_process, speed.on_bf16_gpu()) if sharded else None
@@ -192,7 +192,7 @@ def train(run, outdir, progress, pause_requested=None):
         f"{f', sharded over {accelerator.num_processes} processes (FSDP)' if sharded else ''}"
         f"{f', {attention}' if attention else ''}{', compiled' if compiled else ''}{', CUDA graphs' if graphed else ''}"
         f"{', fused linear cross-entropy' if fused_loss else ''}"
-        f"{f', LoRA kernels in {lora_kernels} linears' if lora_kernels else ''}"
+        f"{f', LoRA dropout kernel in {lora_dropout_kernel} linears' if lora_dropout_kernel else ''}"
     )
     if data.reference:
         progress.log(f"forgetting check: the base model's loss on the reference set is {reference_loss_before:.4f}")

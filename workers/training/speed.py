@@ -4,7 +4,7 @@ Measured in bench/train_speed.py against transformers.Trainer + peft (bench/READ
 a bf16 base under frozen methods, padding-free packing (data.py) with flash attention's
 variable-length kernel keeping each sequence to itself, torch.compile of the transformer
 blocks and of the loss, each step replayed as a CUDA graph (in one process or several),
-LoRA's dropout drawn inside Triton kernels of our own (lora_kernels.py), fused AdamW and,
+LoRA's dropout drawn inside a Triton kernel of our own (lora_dropout.py), fused AdamW and,
 with Liger Kernel installed, a fused linear + cross-entropy loss that never holds the whole
 vocabulary's logits. Each is a default where it pays; an admin can turn one off on a worker
 if a model trips it (`TUNEDECK_COMPILE=0`, `TUNEDECK_CUDA_GRAPHS=0`, `TUNEDECK_ATTENTION=flex`
@@ -172,13 +172,13 @@ def use_liger(model, method_type):
     return True
 
 
-def use_lora_kernels(model):
-    """LoRA's branches in Triton kernels of ours (lora_kernels.py); how many linears use them."""
+def use_lora_dropout_kernel(model):
+    """LoRA's dropout and down-projection in one Triton kernel (lora_dropout.py); how many linears use it."""
     if not on_bf16_gpu() or os.environ.get("TUNEDECK_LORA_KERNEL", "").strip().lower() in ("0", "false", "no", "off"):
         return 0
-    from workers.training import lora_kernels  # Triton: GPU workers have it, a CPU-only install need not
+    from workers.training import lora_dropout  # Triton: GPU workers have it, a CPU-only install need not
 
-    return lora_kernels.use_kernels(model)
+    return lora_dropout.use_dropout_kernel(model)
 
 
 def compile_in_place(model):

@@ -1,4 +1,4 @@
-"""LoRA's branch in Triton kernels (workers/training/lora_kernels.py): dropout with A's product, B's backward.
+"""LoRA's dropout and down-projection in one Triton kernel (workers/training/lora_dropout.py).
 
 On the CPU the kernels run in Triton's interpreter, in a process of their own (TRITON_INTERPRET is
 read when the kernels are defined); on a GPU (`-m gpu`) compiled, in CUDA graphs and in the engine.
@@ -22,38 +22,36 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def against_reference(device, dtype):
-    """The kernels' branch and gradients beside torch's dropout-then-matmuls with the kernel's own mask.
+    """The kernel's output and gradients beside torch's dropout-then-matmul with the kernel's own mask.
 
-    Rows and widths that are no multiple of the blocks and a rank no power of two, as a user's settings may be.
+    Rows that are no multiple of the blocks and a rank no power of two, as a user's settings may be.
     """
-    from workers.training import lora_kernels
+    from workers.training import lora_dropout
 
     generator = torch.Generator(device).manual_seed(0)
-    rows, columns, outputs, rank, p, scaling = 70, 512, 200, 12, 0.25, 2.0
+    rows, columns, rank, p = 70, 512, 12, 0.25
     x = torch.randn(1, rows, columns, device=device, generator=generator).to(dtype).requires_grad_()
     a = (0.05 * torch.randn(rank, columns, device=device, generator=generator)).to(dtype).requires_grad_()
-    b = (0.05 * torch.randn(outputs, rank, device=device, generator=generator)).to(dtype).requires_grad_()
     seed = torch.tensor([1234], device=device)
-    branch = lora_kernels.up_project(lora_kernels.dropout_down(x, a, seed, p), b, scaling)
-    grad = torch.randn(branch.shape, device=device, generator=generator).to(dtype)
-    branch.backward(grad)
+    h = lora_dropout.dropout_down(x, a, seed, p)
+    grad_h = torch.randn(h.shape, device=device, generator=generator).to(dtype)
+    h.backward(grad_h)
 
-    kept = lora_kernels.mask(seed, rows, columns, p)
-    x_float, a_float, b_float = (tensor.detach().float().requires_grad_() for tensor in (x, a, b))
-    expected = ((x_float[0] * kept / (1 - p)) @ a_float.t()) @ b_float.t() * scaling
-    expected.backward(grad[0].float())
+    kept = lora_dropout.mask(seed, rows, columns, p)
+    x_float, a_float = x.detach().float().requires_grad_(), a.detach().float().requires_grad_()
+    h_expected = (x_float[0] * kept / (1 - p)) @ a_float.t()
+    h_expected.backward(grad_h[0].float())
 
     def largest_relative_difference(found, expected):
         return ((found.float() - expected).abs().max() / expected.abs().max()).item()
 
     return {
         "kept share": kept.float().mean().item(),
-        "same seed, same mask": bool((lora_kernels.mask(seed, rows, columns, p) == kept).all()),
-        "another seed's mask differs at": (lora_kernels.mask(seed + 1, rows, columns, p) != kept).float().mean().item(),
-        "branch": largest_relative_difference(branch[0], expected),
+        "same seed, same mask": bool((lora_dropout.mask(seed, rows, columns, p) == kept).all()),
+        "another seed's mask differs at": (lora_dropout.mask(seed + 1, rows, columns, p) != kept).float().mean().item(),
+        "h": largest_relative_difference(h[0], h_expected),
         "x's gradient": largest_relative_difference(x.grad, x_float.grad),
         "A's gradient": largest_relative_difference(a.grad, a_float.grad),
-        "B's gradient": largest_relative_difference(b.grad, b_float.grad),
     }
 
 
@@ -63,13 +61,13 @@ def check(found, tolerance):
     assert found["same seed, same mask"], found
     # Two independent masks disagree where one keeps and the other drops: 2p(1-p) of the entries.
     assert found["another seed's mask differs at"] == pytest.approx(2 * p * (1 - p), abs=0.02), found
-    for name in ("branch", "x's gradient", "A's gradient", "B's gradient"):
+    for name in ("h", "x's gradient", "A's gradient"):
         assert found[name] < tolerance, (name, found)
 
 
-def test_the_kernels_compute_the_lora_branch_in_the_interpreter():
+def test_the_kernel_computes_dropout_then_the_down_projection_in_the_interpreter():
     script = (
-        "import json, torch; from tests.engine.test_lora_kernels import against_reference; "
+        "import json, torch; from tests.engine.test_lora_dropout import against_reference; "
         "print(json.dumps(against_reference('cpu', torch.float32)))"
     )
     result = subprocess.run(
@@ -81,13 +79,13 @@ def test_the_kernels_compute_the_lora_branch_in_the_interpreter():
 
 
 @pytest.mark.gpu
-def test_the_kernels_compute_the_lora_branch_on_the_gpu():
+def test_the_kernel_computes_dropout_then_the_down_projection_on_the_gpu():
     check(against_reference("cuda", torch.bfloat16), tolerance=2e-2)
 
 
 @pytest.mark.gpu
 def test_a_compiled_graphed_lora_layer_draws_a_new_mask_at_each_replay():
-    from workers.training import lora_kernels
+    from workers.training import lora_dropout
 
     torch.manual_seed(0)
     # B random, not zero as peft starts it: the output must depend on the mask.
@@ -96,7 +94,7 @@ def test_a_compiled_graphed_lora_layer_draws_a_new_mask_at_each_replay():
         peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["0"], init_lora_weights=False),
     )
     speed.trainable_in_float32(model)
-    assert lora_kernels.use_kernels(model) == 1
+    assert lora_dropout.use_dropout_kernel(model) == 1
     model.compile(dynamic=True)
     x = torch.randn(1, 64, 256, device="cuda", dtype=torch.bfloat16)
 
@@ -123,7 +121,7 @@ def test_a_compiled_graphed_lora_layer_draws_a_new_mask_at_each_replay():
 
 
 @pytest.mark.gpu
-def test_lora_with_dropout_trains_through_the_kernels_as_through_peft(
+def test_lora_with_dropout_trains_through_the_kernel_as_through_peft(
     tiny_llama_path, instruction_set, make_run, run_engine, tmp_path, monkeypatch
 ):
     run = lora_run(make_run, tiny_llama_path, instruction_set, method=LoraConfig(r=16, alpha=32, dropout=0.1, target_modules="all_linear"))
@@ -132,8 +130,8 @@ def test_lora_with_dropout_trains_through_the_kernels_as_through_peft(
     monkeypatch.setenv("TUNEDECK_LORA_KERNEL", "0")
     plain = engine_run(run_engine, run, tmp_path / "peft", monkeypatch, graphs=True)
 
-    assert any("LoRA kernels in" in line["message"] for line in kernel.of("log"))
-    assert not any("LoRA kernels" in line["message"] for line in plain.of("log"))
+    assert any("LoRA dropout kernel in" in line["message"] for line in kernel.of("log"))
+    assert not any("LoRA dropout kernel" in line["message"] for line in plain.of("log"))
     # Other masks, so not the same numbers: the same descent, within the noise of dropout.
     assert sum(losses(kernel)[-10:]) / 10 == pytest.approx(sum(losses(plain)[-10:]) / 10, rel=0.05)
     assert losses(kernel)[-1] < losses(kernel)[0] - 0.5

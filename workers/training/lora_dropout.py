@@ -1,18 +1,16 @@
-"""LoRA's branch in Triton kernels of our own: the dropout with A's product, and B's product's backward.
+"""LoRA's dropout and down-projection as one Triton kernel, forward and backward.
 
-peft computes a LoRA branch as lora_B(lora_A(dropout(x))) * scaling. On the 1B benchmark of
-issue 7 the dropout alone cost 3.3 ms of a 40 ms step (bench/lora_layer.py): for each of a
-layer's seven linears it draws a random number per input element, writes the mask and a dropped
-copy of the input, and reads both back in the backward. Here one kernel reads x once, draws the
-mask as it goes and returns only h = dropout(x) A^T, a few columns wide; the backward draws the
-same mask again from the step's seed instead of keeping it. One Philox draw gives eight 16-bit
-numbers, so eight mask entries (a drop chance of p rounded to 1/65536). B's side is
-(h B^T) * scaling as before (cuBLAS, its scaling fused by Inductor); in its backward one kernel
-reads the incoming gradient once for both h's and B's gradients, where cuBLAS read it twice in
-skinny matmuls. The weights, the saved adapter and everything peft does around the branch are
-unchanged: the branch is the same function of the same weights.
+peft computes a LoRA branch as lora_B(lora_A(dropout(x))). On the 1B benchmark of issue 7 the
+dropout alone cost 3.3 ms of a 40 ms step (bench/lora_layer.py): for each of a layer's seven
+linears it draws a random number per input element, writes the mask and a dropped copy of the
+input, and reads both back in the backward. Here one kernel reads x once, draws the mask as it
+goes and returns only h = dropout(x) A^T, a few columns wide; the backward draws the same mask
+again from the step's seed instead of keeping it. One Philox draw gives eight 16-bit numbers, so
+eight mask entries (a drop chance of p rounded to 1/65536). lora_B, the scaling, the saved
+adapter and everything peft does around the branch are unchanged: only lora_A(dropout(x)) is
+computed here, as the same function of the same weights.
 
-The engine's default on a bf16 GPU for LoRA and QLoRA with dropout (speed.use_lora_kernels).
+The engine's default on a bf16 GPU for LoRA and QLoRA with dropout (speed.use_lora_dropout_kernel).
 """
 
 import torch
@@ -35,10 +33,6 @@ BACKWARD_ROWS_PER_BLOCK = 64
 BACKWARD_COLUMNS_PER_BLOCK = 64
 BACKWARD_BLOCKS_PER_PROGRAM = 2  # row blocks one backward program walks, summing its share of A's gradient
 BACKWARD_WARPS, BACKWARD_STAGES = 4, 2
-UP_ROWS_PER_PROGRAM = 256  # B's backward: each program's rows, over which it sums B's gradient
-UP_COLUMNS_PER_BLOCK = 64
-UP_COLUMNS_PER_PROGRAM = 256
-UP_WARPS, UP_STAGES = 8, 2
 
 
 @triton.jit
@@ -164,73 +158,6 @@ def _backward(ctx, grad_h):
 dropout_down.register_autograd(_backward, setup_context=_setup_context)
 
 
-@triton.jit
-def _up_backward_kernel(
-    grad_ptr, h_ptr, b_ptr, grad_h_parts_ptr, grad_b_parts_ptr, rows_count, columns, grad_row_stride, scaling,
-    RANK: tl.constexpr, RANK_BLOCK: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLUMNS: tl.constexpr,
-    COLUMNS_PER_PROGRAM: tl.constexpr,
-):
-    """For a block of rows and a share of the columns: h's gradient (summed over those columns) and B's (over those rows)."""
-    chunk, split = tl.program_id(0), tl.program_id(1)
-    rows = chunk * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    ranks = tl.arange(0, RANK_BLOCK)
-    h = tl.load(h_ptr + rows[:, None] * RANK + ranks[None, :], mask=(rows[:, None] < rows_count) & (ranks[None, :] < RANK), other=0.0)
-    grad_h = tl.zeros((BLOCK_ROWS, RANK_BLOCK), dtype=tl.float32)
-    for first_column in range(split * COLUMNS_PER_PROGRAM, (split + 1) * COLUMNS_PER_PROGRAM, BLOCK_COLUMNS):
-        cols = first_column + tl.arange(0, BLOCK_COLUMNS)
-        grad = tl.load(grad_ptr + rows[:, None] * grad_row_stride + cols[None, :],
-                       mask=(rows[:, None] < rows_count) & (cols[None, :] < columns), other=0.0)
-        b_rows = (cols[:, None] < columns) & (ranks[None, :] < RANK)
-        b = tl.load(b_ptr + cols[:, None] * RANK + ranks[None, :], mask=b_rows, other=0.0)
-        grad_h += tl.dot(grad, b)
-        grad_b = tl.dot(tl.trans(grad), h)
-        tl.store(grad_b_parts_ptr + chunk * columns * RANK + cols[:, None] * RANK + ranks[None, :], grad_b * scaling, mask=b_rows)
-    tl.store(grad_h_parts_ptr + split * rows_count * RANK + rows[:, None] * RANK + ranks[None, :], grad_h * scaling,
-             mask=(rows[:, None] < rows_count) & (ranks[None, :] < RANK))
-
-
-@triton_op("tunedeck::lora_up", mutates_args=())
-def up_project(h: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
-    """(h @ lora_b.T) * scaling, whose backward is one Triton kernel."""
-    return (h @ lora_b.t()) * scaling
-
-
-@triton_op("tunedeck::lora_up_backward", mutates_args=())
-def up_project_backward(
-    grad: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, scaling: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = grad.reshape(-1, grad.shape[-1])
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
-    h_rows = h.reshape(-1, h.shape[-1]).contiguous()
-    rank, columns = lora_b.shape[1], lora_b.shape[0]
-    chunks, splits = triton.cdiv(rows.shape[0], UP_ROWS_PER_PROGRAM), triton.cdiv(columns, UP_COLUMNS_PER_PROGRAM)
-    # Both gradients summed in parts, in a fixed order afterwards (no atomics), as in dropout_down's backward.
-    grad_h_parts = torch.empty((splits, rows.shape[0], rank), dtype=torch.float32, device=grad.device)
-    grad_b_parts = torch.empty((chunks, columns, rank), dtype=torch.float32, device=grad.device)
-    wrap_triton(_up_backward_kernel)[(chunks, splits)](
-        rows, h_rows, lora_b.contiguous(), grad_h_parts, grad_b_parts, rows.shape[0], columns, rows.stride(0), scaling,
-        RANK=rank, RANK_BLOCK=_rank_block(rank), BLOCK_ROWS=UP_ROWS_PER_PROGRAM, BLOCK_COLUMNS=UP_COLUMNS_PER_BLOCK,
-        COLUMNS_PER_PROGRAM=UP_COLUMNS_PER_PROGRAM, num_warps=UP_WARPS, num_stages=UP_STAGES,
-    )
-    return grad_h_parts.sum(0).to(h.dtype).view(h.shape), grad_b_parts.sum(0).to(lora_b.dtype)
-
-
-def _up_setup_context(ctx, inputs, output):
-    h, lora_b, scaling = inputs
-    ctx.save_for_backward(h, lora_b)
-    ctx.scaling = scaling
-
-
-def _up_backward(ctx, grad):
-    h, lora_b = ctx.saved_tensors
-    grad_h, grad_b = up_project_backward(grad, h, lora_b, ctx.scaling)
-    return grad_h, grad_b, None
-
-
-up_project.register_autograd(_up_backward, setup_context=_up_setup_context)
-
-
 def mask(seed, rows, columns, p):
     """The keep mask dropout_down draws for an input of this shape (for checking it)."""
     kept = torch.empty((rows, columns), dtype=torch.bool, device=seed.device)
@@ -248,7 +175,7 @@ def _mask_kernel(kept_ptr, seed_ptr, rows_count, columns, drop_below, BLOCK_ROWS
 
 
 def lora_forward(module, x, *args, **kwargs):
-    """peft's LoRA Linear forward, through dropout_down and up_project while training; peft's own otherwise."""
+    """peft's LoRA Linear forward, with lora_A(dropout(x)) from dropout_down while training; peft's own otherwise."""
     adapter = module.active_adapters[0] if len(module.active_adapters) == 1 else None
     dropout = module.lora_dropout[adapter] if adapter in module.lora_A else None
     if (
@@ -257,7 +184,6 @@ def lora_forward(module, x, *args, **kwargs):
         or module.disable_adapters
         or module.merged
         or adapter in module.lora_variant
-        or module.lora_B[adapter].bias is not None
         or kwargs.get("adapter_names") is not None
     ):
         return type(module).forward(module, x, *args, **kwargs)
@@ -266,11 +192,11 @@ def lora_forward(module, x, *args, **kwargs):
     # Drawn on the GPU as part of the step, so that a replayed CUDA graph draws a new one each time.
     seed = torch.randint(2**31 - 1, (1,), device=x.device)
     h = dropout_down(x.to(half), module.lora_A[adapter].weight.to(half), seed, dropout.p)
-    return (result + up_project(h, module.lora_B[adapter].weight.to(half), module.scaling[adapter])).to(result.dtype)
+    return (result + module.lora_B[adapter](h) * module.scaling[adapter]).to(result.dtype)
 
 
-def use_kernels(model):
-    """Route each LoRA Linear's branch through dropout_down and up_project; how many were.
+def use_dropout_kernel(model):
+    """Route each LoRA Linear's dropout and down-projection through dropout_down; how many were.
 
     Those of peft's LoRA Linears (QLoRA's 4-bit one included) that have a dropout and an
     input width the mask's groups of eight divide. For a bf16 GPU, which the kernel computes in.
