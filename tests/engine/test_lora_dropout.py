@@ -21,36 +21,34 @@ from workers.training import speed
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def against_reference(device, dtype, branches):
-    """The kernel's output and gradients beside torch's dropout-then-matmul with the kernel's own masks.
+def against_reference(device, dtype):
+    """The kernel's output and gradients beside torch's dropout-then-matmul with the kernel's own mask.
 
-    Rows that are no multiple of the blocks and a rank no power of two, as a user's settings may be;
-    one branch (o_proj, down_proj) or several reading the same input (q, k and v).
+    Rows that are no multiple of the blocks and a rank no power of two, as a user's settings may be.
     """
     from workers.training import lora_dropout
 
     generator = torch.Generator(device).manual_seed(0)
     rows, columns, rank, p = 70, 512, 12, 0.25
     x = torch.randn(1, rows, columns, device=device, generator=generator).to(dtype).requires_grad_()
-    a = (0.05 * torch.randn(branches, rank, columns, device=device, generator=generator)).to(dtype).requires_grad_()
+    a = (0.05 * torch.randn(rank, columns, device=device, generator=generator)).to(dtype).requires_grad_()
     seed = torch.tensor([1234], device=device)
     h = lora_dropout.dropout_down(x, a, seed, p)
     grad_h = torch.randn(h.shape, device=device, generator=generator).to(dtype)
     h.backward(grad_h)
 
-    masks = [lora_dropout.mask(seed, rows, columns, p, branch) for branch in range(branches)]
+    kept = lora_dropout.mask(seed, rows, columns, p)
     x_float, a_float = x.detach().float().requires_grad_(), a.detach().float().requires_grad_()
-    h_expected = torch.cat([(x_float[0] * kept / (1 - p)) @ a_float[branch].t() for branch, kept in enumerate(masks)], -1)
+    h_expected = (x_float[0] * kept / (1 - p)) @ a_float.t()
     h_expected.backward(grad_h[0].float())
 
     def largest_relative_difference(found, expected):
         return ((found.float() - expected).abs().max() / expected.abs().max()).item()
 
     return {
-        "kept share": masks[0].float().mean().item(),
-        "same seed, same mask": bool((lora_dropout.mask(seed, rows, columns, p) == masks[0]).all()),
-        "another seed's mask differs at": (lora_dropout.mask(seed + 1, rows, columns, p) != masks[0]).float().mean().item(),
-        "another branch's mask differs at": [(kept != masks[0]).float().mean().item() for kept in masks[1:]],
+        "kept share": kept.float().mean().item(),
+        "same seed, same mask": bool((lora_dropout.mask(seed, rows, columns, p) == kept).all()),
+        "another seed's mask differs at": (lora_dropout.mask(seed + 1, rows, columns, p) != kept).float().mean().item(),
         "h": largest_relative_difference(h[0], h_expected),
         "x's gradient": largest_relative_difference(x.grad, x_float.grad),
         "A's gradient": largest_relative_difference(a.grad, a_float.grad),
@@ -63,8 +61,6 @@ def check(found, tolerance):
     assert found["same seed, same mask"], found
     # Two independent masks disagree where one keeps and the other drops: 2p(1-p) of the entries.
     assert found["another seed's mask differs at"] == pytest.approx(2 * p * (1 - p), abs=0.02), found
-    for share in found["another branch's mask differs at"]:
-        assert share == pytest.approx(2 * p * (1 - p), abs=0.02), found
     for name in ("h", "x's gradient", "A's gradient"):
         assert found[name] < tolerance, (name, found)
 
@@ -72,42 +68,19 @@ def check(found, tolerance):
 def test_the_kernel_computes_dropout_then_the_down_projection_in_the_interpreter():
     script = (
         "import json, torch; from tests.engine.test_lora_dropout import against_reference; "
-        "print(json.dumps([against_reference('cpu', torch.float32, branches) for branches in (1, 3)]))"
+        "print(json.dumps(against_reference('cpu', torch.float32)))"
     )
     result = subprocess.run(
         [sys.executable, "-c", script], env=os.environ | {"TRITON_INTERPRET": "1"}, cwd=ROOT,
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    one, three = json.loads(result.stdout.splitlines()[-1])
-    assert not one["another branch's mask differs at"] and len(three["another branch's mask differs at"]) == 2
-    check(one, tolerance=1e-5)
-    check(three, tolerance=1e-5)
-
-
-def test_the_linears_that_read_one_input_share_a_kernel_call(tiny_llama_path):
-    from transformers import AutoModelForCausalLM
-
-    from workers.training import lora_dropout
-
-    model = peft.get_peft_model(
-        AutoModelForCausalLM.from_pretrained(tiny_llama_path),
-        peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear"),
-    )
-    layers = model.base_model.model.model.layers
-    assert lora_dropout.use_dropout_kernel(model) == 7 * len(layers)
-    for layer in layers:
-        attention, mlp = layer.self_attn, layer.mlp
-        assert attention.q_proj.lora_group == (attention.q_proj, attention.k_proj, attention.v_proj)
-        assert attention.k_proj.lora_group is attention.q_proj.lora_group
-        assert mlp.up_proj.lora_group == (mlp.gate_proj, mlp.up_proj)
-        assert attention.o_proj.lora_group == (attention.o_proj,) and mlp.down_proj.lora_group == (mlp.down_proj,)
+    check(json.loads(result.stdout.splitlines()[-1]), tolerance=1e-5)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("branches", [1, 3])
-def test_the_kernel_computes_dropout_then_the_down_projection_on_the_gpu(branches):
-    check(against_reference("cuda", torch.bfloat16, branches), tolerance=2e-2)
+def test_the_kernel_computes_dropout_then_the_down_projection_on_the_gpu():
+    check(against_reference("cuda", torch.bfloat16), tolerance=2e-2)
 
 
 @pytest.mark.gpu

@@ -36,13 +36,10 @@ BACKWARD_WARPS, BACKWARD_STAGES = 4, 2
 
 
 @triton.jit
-def _kept(seed, rows, first_column, columns, drop_below, stream, BLOCK_ROWS: tl.constexpr, BLOCK_COLUMNS: tl.constexpr):
-    """Which of a block's inputs dropout keeps: a function of (seed, stream, row, column) alone, whatever the blocks.
-
-    Each branch reading the same input draws from a stream of its own (its own Philox counters).
-    """
+def _kept(seed, rows, first_column, columns, drop_below, BLOCK_ROWS: tl.constexpr, BLOCK_COLUMNS: tl.constexpr):
+    """Which of a block's inputs dropout keeps: a function of (seed, row, column) alone, whatever the blocks."""
     groups = first_column // 8 + tl.arange(0, BLOCK_COLUMNS // 8)
-    offsets = stream + rows[:, None] * (columns // 8) + groups[None, :]
+    offsets = rows[:, None] * (columns // 8) + groups[None, :]
     r0, r1, r2, r3 = tl.randint4x(seed, offsets)
     low = tl.join(tl.join(r0 & 0xFFFF, r0 >> 16), tl.join(r1 & 0xFFFF, r1 >> 16))
     high = tl.join(tl.join(r2 & 0xFFFF, r2 >> 16), tl.join(r3 & 0xFFFF, r3 >> 16))
@@ -51,115 +48,53 @@ def _kept(seed, rows, first_column, columns, drop_below, stream, BLOCK_ROWS: tl.
 
 
 @triton.jit
-def _branch_forward(x, seed, rows, first_column, rows_count, columns, drop_below, a_ptr, branch,
-                    RANK: tl.constexpr, RANK_BLOCK: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLUMNS: tl.constexpr):
-    """One branch's share of dropout(x) A^T over a block of x."""
-    cols = first_column + tl.arange(0, BLOCK_COLUMNS)
-    ranks = tl.arange(0, RANK_BLOCK)
-    kept = _kept(seed, rows, first_column, columns, drop_below, branch * rows_count * (columns // 8), BLOCK_ROWS, BLOCK_COLUMNS)
-    a = tl.load(a_ptr + branch * RANK * columns + ranks[None, :] * columns + cols[:, None],
-                mask=(ranks[None, :] < RANK) & (cols[:, None] < columns), other=0.0)
-    return tl.dot(tl.where(kept, x, tl.zeros_like(x)), a)
-
-
-@triton.jit
 def _forward_kernel(
     x_ptr, a_ptr, h_parts_ptr, seed_ptr, rows_count, columns, x_row_stride, drop_below, keep_scale,
-    BRANCHES: tl.constexpr, RANK: tl.constexpr, RANK_BLOCK: tl.constexpr, BLOCK_ROWS: tl.constexpr,
-    BLOCK_COLUMNS: tl.constexpr, COLUMNS_PER_PROGRAM: tl.constexpr,
+    RANK: tl.constexpr, RANK_BLOCK: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLUMNS: tl.constexpr,
+    COLUMNS_PER_PROGRAM: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     part = tl.program_id(1)
     ranks = tl.arange(0, RANK_BLOCK)
     seed = tl.load(seed_ptr)
-    # Up to three branches (q, k, v) share each block of x read: one accumulator each.
-    h0 = tl.zeros((BLOCK_ROWS, RANK_BLOCK), dtype=tl.float32)
-    if BRANCHES > 1:
-        h1 = tl.zeros((BLOCK_ROWS, RANK_BLOCK), dtype=tl.float32)
-    if BRANCHES > 2:
-        h2 = tl.zeros((BLOCK_ROWS, RANK_BLOCK), dtype=tl.float32)
+    h = tl.zeros((BLOCK_ROWS, RANK_BLOCK), dtype=tl.float32)
     for first_column in range(part * COLUMNS_PER_PROGRAM, (part + 1) * COLUMNS_PER_PROGRAM, BLOCK_COLUMNS):
         cols = first_column + tl.arange(0, BLOCK_COLUMNS)
-        x = tl.load(x_ptr + rows[:, None] * x_row_stride + cols[None, :],
-                    mask=(rows[:, None] < rows_count) & (cols[None, :] < columns), other=0.0)
-        h0 += _branch_forward(x, seed, rows, first_column, rows_count, columns, drop_below, a_ptr, 0,
-                              RANK, RANK_BLOCK, BLOCK_ROWS, BLOCK_COLUMNS)
-        if BRANCHES > 1:
-            h1 += _branch_forward(x, seed, rows, first_column, rows_count, columns, drop_below, a_ptr, 1,
-                                  RANK, RANK_BLOCK, BLOCK_ROWS, BLOCK_COLUMNS)
-        if BRANCHES > 2:
-            h2 += _branch_forward(x, seed, rows, first_column, rows_count, columns, drop_below, a_ptr, 2,
-                                  RANK, RANK_BLOCK, BLOCK_ROWS, BLOCK_COLUMNS)
-    out = h_parts_ptr + part * rows_count * BRANCHES * RANK + rows[:, None] * BRANCHES * RANK + ranks[None, :]
-    inside = (rows[:, None] < rows_count) & (ranks[None, :] < RANK)
-    tl.store(out, h0 * keep_scale, mask=inside)
-    if BRANCHES > 1:
-        tl.store(out + RANK, h1 * keep_scale, mask=inside)
-    if BRANCHES > 2:
-        tl.store(out + 2 * RANK, h2 * keep_scale, mask=inside)
-
-
-@triton.jit
-def _branch_backward(x, seed, rows, first_column, rows_count, columns, drop_below, a, grad_h_ptr, branch,
-                     BRANCHES: tl.constexpr, RANK: tl.constexpr, RANK_BLOCK: tl.constexpr, BLOCK_ROWS: tl.constexpr,
-                     BLOCK_COLUMNS: tl.constexpr):
-    """One branch's share of A's gradient and of x's, over a block of x (both before the keep scale)."""
-    ranks = tl.arange(0, RANK_BLOCK)
-    kept = _kept(seed, rows, first_column, columns, drop_below, branch * rows_count * (columns // 8), BLOCK_ROWS, BLOCK_COLUMNS)
-    grad_h = tl.load(grad_h_ptr + rows[:, None] * BRANCHES * RANK + branch * RANK + ranks[None, :],
-                     mask=(rows[:, None] < rows_count) & (ranks[None, :] < RANK), other=0.0)
-    grad_a = tl.dot(tl.trans(grad_h), tl.where(kept, x, tl.zeros_like(x)))
-    grad_x = tl.where(kept, tl.dot(grad_h, a), 0.0)
-    return grad_a, grad_x
+        inside = (rows[:, None] < rows_count) & (cols[None, :] < columns)
+        x = tl.load(x_ptr + rows[:, None] * x_row_stride + cols[None, :], mask=inside, other=0.0)
+        kept = _kept(seed, rows, first_column, columns, drop_below, BLOCK_ROWS, BLOCK_COLUMNS)
+        x = tl.where(kept, x, tl.zeros_like(x))
+        a = tl.load(a_ptr + ranks[None, :] * columns + cols[:, None], mask=(ranks[None, :] < RANK) & (cols[:, None] < columns), other=0.0)
+        h += tl.dot(x, a)
+    tl.store(h_parts_ptr + part * rows_count * RANK + rows[:, None] * RANK + ranks[None, :], h * keep_scale,
+             mask=(rows[:, None] < rows_count) & (ranks[None, :] < RANK))
 
 
 @triton.jit
 def _backward_kernel(
     x_ptr, a_ptr, grad_h_ptr, grad_x_ptr, grad_a_parts_ptr, seed_ptr, rows_count, columns, x_row_stride,
     drop_below, keep_scale,
-    BRANCHES: tl.constexpr, RANK: tl.constexpr, RANK_BLOCK: tl.constexpr, BLOCK_ROWS: tl.constexpr,
-    BLOCK_COLUMNS: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr,
+    RANK: tl.constexpr, RANK_BLOCK: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLUMNS: tl.constexpr,
+    BLOCKS_PER_PROGRAM: tl.constexpr,
 ):
-    first_column = tl.program_id(0) * BLOCK_COLUMNS
-    cols = first_column + tl.arange(0, BLOCK_COLUMNS)
+    cols = tl.program_id(0) * BLOCK_COLUMNS + tl.arange(0, BLOCK_COLUMNS)
     part = tl.program_id(1)
     ranks = tl.arange(0, RANK_BLOCK)
     seed = tl.load(seed_ptr)
-    a_block = a_ptr + ranks[:, None] * columns + cols[None, :]
-    a_inside = (ranks[:, None] < RANK) & (cols[None, :] < columns)
-    a0 = tl.load(a_block, mask=a_inside, other=0.0)
-    grad_a0 = tl.zeros((RANK_BLOCK, BLOCK_COLUMNS), dtype=tl.float32)
-    if BRANCHES > 1:
-        a1 = tl.load(a_block + RANK * columns, mask=a_inside, other=0.0)
-        grad_a1 = tl.zeros((RANK_BLOCK, BLOCK_COLUMNS), dtype=tl.float32)
-    if BRANCHES > 2:
-        a2 = tl.load(a_block + 2 * RANK * columns, mask=a_inside, other=0.0)
-        grad_a2 = tl.zeros((RANK_BLOCK, BLOCK_COLUMNS), dtype=tl.float32)
+    a = tl.load(a_ptr + ranks[:, None] * columns + cols[None, :], mask=(ranks[:, None] < RANK) & (cols[None, :] < columns), other=0.0)
+    grad_a = tl.zeros((RANK_BLOCK, BLOCK_COLUMNS), dtype=tl.float32)
     for block in range(BLOCKS_PER_PROGRAM):
         rows = (part * BLOCKS_PER_PROGRAM + block) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         inside = (rows[:, None] < rows_count) & (cols[None, :] < columns)
+        kept = _kept(seed, rows, tl.program_id(0) * BLOCK_COLUMNS, columns, drop_below, BLOCK_ROWS, BLOCK_COLUMNS)
+        grad_h = tl.load(grad_h_ptr + rows[:, None] * RANK + ranks[None, :], mask=(rows[:, None] < rows_count) & (ranks[None, :] < RANK), other=0.0)
         x = tl.load(x_ptr + rows[:, None] * x_row_stride + cols[None, :], mask=inside, other=0.0)
-        # x's gradient is the branches' sum, written once.
-        grad_a, grad_x = _branch_backward(x, seed, rows, first_column, rows_count, columns, drop_below, a0, grad_h_ptr, 0,
-                                          BRANCHES, RANK, RANK_BLOCK, BLOCK_ROWS, BLOCK_COLUMNS)
-        grad_a0 += grad_a
-        if BRANCHES > 1:
-            grad_a, more = _branch_backward(x, seed, rows, first_column, rows_count, columns, drop_below, a1, grad_h_ptr, 1,
-                                            BRANCHES, RANK, RANK_BLOCK, BLOCK_ROWS, BLOCK_COLUMNS)
-            grad_a1 += grad_a
-            grad_x += more
-        if BRANCHES > 2:
-            grad_a, more = _branch_backward(x, seed, rows, first_column, rows_count, columns, drop_below, a2, grad_h_ptr, 2,
-                                            BRANCHES, RANK, RANK_BLOCK, BLOCK_ROWS, BLOCK_COLUMNS)
-            grad_a2 += grad_a
-            grad_x += more
-        tl.store(grad_x_ptr + rows[:, None] * columns + cols[None, :], (grad_x * keep_scale).to(grad_x_ptr.dtype.element_ty), mask=inside)
-    out = grad_a_parts_ptr + part * BRANCHES * RANK * columns + ranks[:, None] * columns + cols[None, :]
-    tl.store(out, grad_a0 * keep_scale, mask=a_inside)
-    if BRANCHES > 1:
-        tl.store(out + RANK * columns, grad_a1 * keep_scale, mask=a_inside)
-    if BRANCHES > 2:
-        tl.store(out + 2 * RANK * columns, grad_a2 * keep_scale, mask=a_inside)
+        x = tl.where(kept, x, tl.zeros_like(x))
+        grad_a += tl.dot(tl.trans(grad_h), x)
+        grad_x = tl.where(kept, tl.dot(grad_h, a) * keep_scale, 0.0)
+        tl.store(grad_x_ptr + rows[:, None] * columns + cols[None, :], grad_x.to(grad_x_ptr.dtype.element_ty), mask=inside)
+    tl.store(grad_a_parts_ptr + part * RANK * columns + ranks[:, None] * columns + cols[None, :], grad_a * keep_scale,
+             mask=(ranks[:, None] < RANK) & (cols[None, :] < columns))
 
 
 def _drop_below(p):
@@ -172,24 +107,18 @@ def _rank_block(rank):
 
 @triton_op("tunedeck::lora_dropout_down", mutates_args=())
 def dropout_down(x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
-    """dropout(x, p) @ A.T for each A in lora_a ([branches, rank, width]), side by side in the last dimension.
-
-    Each branch draws its own mask from `seed` (a one-element int64 tensor on x's device).
-    """
+    """dropout(x, p) @ lora_a.T, the mask drawn from `seed` (a one-element int64 tensor on x's device)."""
     rows = x.reshape(-1, x.shape[-1])
-    branches, rank, columns = lora_a.shape
+    rank, columns = lora_a.shape
     # Each program sums over its share of the width; the shares are added after, in a fixed order (no atomics).
-    h_parts = torch.empty(
-        (triton.cdiv(columns, COLUMNS_PER_PROGRAM), rows.shape[0], branches * rank), dtype=torch.float32, device=x.device
-    )
+    h_parts = torch.empty((triton.cdiv(columns, COLUMNS_PER_PROGRAM), rows.shape[0], rank), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(rows.shape[0], ROWS_PER_BLOCK), h_parts.shape[0])
     wrap_triton(_forward_kernel)[grid](
         rows, lora_a, h_parts, seed, rows.shape[0], columns, rows.stride(0), _drop_below(p), 1 / (1 - p),
-        BRANCHES=branches, RANK=rank, RANK_BLOCK=_rank_block(rank), BLOCK_ROWS=ROWS_PER_BLOCK,
-        BLOCK_COLUMNS=COLUMNS_PER_BLOCK, COLUMNS_PER_PROGRAM=COLUMNS_PER_PROGRAM,
-        num_warps=FORWARD_WARPS, num_stages=FORWARD_STAGES,
+        RANK=rank, RANK_BLOCK=_rank_block(rank), BLOCK_ROWS=ROWS_PER_BLOCK, BLOCK_COLUMNS=COLUMNS_PER_BLOCK,
+        COLUMNS_PER_PROGRAM=COLUMNS_PER_PROGRAM, num_warps=FORWARD_WARPS, num_stages=FORWARD_STAGES,
     )
-    return h_parts.sum(0).to(x.dtype).view(*x.shape[:-1], branches * rank)
+    return h_parts.sum(0).to(x.dtype).view(*x.shape[:-1], rank)
 
 
 @triton_op("tunedeck::lora_dropout_down_backward", mutates_args=())
@@ -198,16 +127,16 @@ def dropout_down_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     rows = x.reshape(-1, x.shape[-1])
     grad_h = grad_h.reshape(-1, grad_h.shape[-1]).contiguous()
-    branches, rank, columns = lora_a.shape
+    rank, columns = lora_a.shape
     parts = triton.cdiv(rows.shape[0], BACKWARD_ROWS_PER_BLOCK * BACKWARD_BLOCKS_PER_PROGRAM)
     grad_x = torch.empty((rows.shape[0], columns), dtype=x.dtype, device=x.device)
     # As in the forward, A's gradient is summed in parts, one per program's rows.
-    grad_a_parts = torch.empty((parts, branches, rank, columns), dtype=torch.float32, device=x.device)
+    grad_a_parts = torch.empty((parts, rank, columns), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(columns, BACKWARD_COLUMNS_PER_BLOCK), parts)
     wrap_triton(_backward_kernel)[grid](
         rows, lora_a, grad_h, grad_x, grad_a_parts, seed, rows.shape[0], columns, rows.stride(0),
         _drop_below(p), 1 / (1 - p),
-        BRANCHES=branches, RANK=rank, RANK_BLOCK=_rank_block(rank), BLOCK_ROWS=BACKWARD_ROWS_PER_BLOCK,
+        RANK=rank, RANK_BLOCK=_rank_block(rank), BLOCK_ROWS=BACKWARD_ROWS_PER_BLOCK,
         BLOCK_COLUMNS=BACKWARD_COLUMNS_PER_BLOCK, BLOCKS_PER_PROGRAM=BACKWARD_BLOCKS_PER_PROGRAM,
         num_warps=BACKWARD_WARPS, num_stages=BACKWARD_STAGES,
     )
@@ -229,33 +158,24 @@ def _backward(ctx, grad_h):
 dropout_down.register_autograd(_backward, setup_context=_setup_context)
 
 
-def mask(seed, rows, columns, p, branch=0):
-    """The keep mask dropout_down draws for a branch of an input of this shape (for checking it)."""
+def mask(seed, rows, columns, p):
+    """The keep mask dropout_down draws for an input of this shape (for checking it)."""
     kept = torch.empty((rows, columns), dtype=torch.bool, device=seed.device)
     grid = (triton.cdiv(rows, ROWS_PER_BLOCK), triton.cdiv(columns, COLUMNS_PER_BLOCK))
-    _mask_kernel[grid](kept, seed, rows, columns, _drop_below(p), branch * rows * (columns // 8),
-                       BLOCK_ROWS=ROWS_PER_BLOCK, BLOCK_COLUMNS=COLUMNS_PER_BLOCK)
+    _mask_kernel[grid](kept, seed, rows, columns, _drop_below(p), BLOCK_ROWS=ROWS_PER_BLOCK, BLOCK_COLUMNS=COLUMNS_PER_BLOCK)
     return kept
 
 
 @triton.jit
-def _mask_kernel(kept_ptr, seed_ptr, rows_count, columns, drop_below, stream, BLOCK_ROWS: tl.constexpr, BLOCK_COLUMNS: tl.constexpr):
+def _mask_kernel(kept_ptr, seed_ptr, rows_count, columns, drop_below, BLOCK_ROWS: tl.constexpr, BLOCK_COLUMNS: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.program_id(1) * BLOCK_COLUMNS + tl.arange(0, BLOCK_COLUMNS)
-    kept = _kept(tl.load(seed_ptr), rows, tl.program_id(1) * BLOCK_COLUMNS, columns, drop_below, stream, BLOCK_ROWS, BLOCK_COLUMNS)
+    kept = _kept(tl.load(seed_ptr), rows, tl.program_id(1) * BLOCK_COLUMNS, columns, drop_below, BLOCK_ROWS, BLOCK_COLUMNS)
     tl.store(kept_ptr + rows[:, None] * columns + cols[None, :], kept, mask=(rows[:, None] < rows_count) & (cols[None, :] < columns))
 
 
-# Linears of one block that read the same input (Llama's attention and MLP): one kernel serves them all.
-SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-
-
 def lora_forward(module, x, *args, **kwargs):
-    """peft's LoRA Linear forward, with lora_A(dropout(x)) from dropout_down while training; peft's own otherwise.
-
-    The first of a group of linears reading the same x computes every member's branch in one
-    call and leaves the others theirs (`shared_branch`), which they take if their x is that x.
-    """
+    """peft's LoRA Linear forward, with lora_A(dropout(x)) from dropout_down while training; peft's own otherwise."""
     adapter = module.active_adapters[0] if len(module.active_adapters) == 1 else None
     dropout = module.lora_dropout[adapter] if adapter in module.lora_A else None
     if (
@@ -268,20 +188,10 @@ def lora_forward(module, x, *args, **kwargs):
     ):
         return type(module).forward(module, x, *args, **kwargs)
     result = module.base_layer(x, *args, **kwargs)
-    shared = module.shared_branch
-    if shared is not None and shared[0] is x:
-        module.shared_branch = None
-        h = shared[1]
-    else:
-        half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
-        group = (module, *(other for other in module.lora_group if other is not module))
-        # Drawn on the GPU as part of the step, so that a replayed CUDA graph draws a new one each time.
-        seed = torch.randint(2**31 - 1, (1,), device=x.device)
-        lora_a = torch.stack([member.lora_A[adapter].weight for member in group]).to(half)
-        branches = dropout_down(x.to(half), lora_a, seed, dropout.p).chunk(len(group), dim=-1)
-        h = branches[0]
-        for member, branch in zip(group[1:], branches[1:]):
-            member.shared_branch = (x, branch)
+    half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+    # Drawn on the GPU as part of the step, so that a replayed CUDA graph draws a new one each time.
+    seed = torch.randint(2**31 - 1, (1,), device=x.device)
+    h = dropout_down(x.to(half), module.lora_A[adapter].weight.to(half), seed, dropout.p)
     return (result + module.lora_B[adapter](h) * module.scaling[adapter]).to(result.dtype)
 
 
@@ -290,32 +200,13 @@ def use_dropout_kernel(model):
 
     Those of peft's LoRA Linears (QLoRA's 4-bit one included) that have a dropout and an
     input width the mask's groups of eight divide. For a bf16 GPU, which the kernel computes in.
-    Linears that read the same input and share their settings are routed as one group.
     """
-    routed = [module for module in model.modules() if _routable(module)]
-    for module in routed:
-        module.lora_group, module.shared_branch = (module,), None
+    routed = 0
+    for module in model.modules():
+        if not isinstance(module, LoraLayer) or not isinstance(module.base_layer, torch.nn.Linear):
+            continue
+        if module.in_features % MASKS_PER_DRAW or not any(isinstance(d, torch.nn.Dropout) for d in module.lora_dropout.values()):
+            continue
         module.forward = lora_forward.__get__(module)
-    for parent in model.modules():
-        for names in SHARED_INPUTS:
-            group = tuple(getattr(parent, name, None) for name in names)
-            if all(member in routed for member in group) and len({_settings(member) for member in group}) == 1:
-                for member in group:
-                    member.lora_group = group
-    return len(routed)
-
-
-def _routable(module):
-    return (
-        isinstance(module, LoraLayer)
-        and isinstance(module.base_layer, torch.nn.Linear)
-        and not module.in_features % MASKS_PER_DRAW
-        and any(isinstance(dropout, torch.nn.Dropout) for dropout in module.lora_dropout.values())
-    )
-
-
-def _settings(module):
-    """What must match for linears to share a kernel call: the input width, and per adapter its rank and dropout."""
-    return module.in_features, tuple(
-        (name, module.lora_A[name].weight.shape[0], getattr(module.lora_dropout[name], "p", 0.0)) for name in module.lora_A
-    )
+        routed += 1
+    return routed
