@@ -78,6 +78,30 @@ def test_the_kernel_computes_dropout_then_the_down_projection_in_the_interpreter
     check(json.loads(result.stdout.splitlines()[-1]), tolerance=1e-5)
 
 
+@pytest.mark.parametrize(
+    "options, routed_per_layer",
+    [({"lora_dropout": 0.05}, 7), ({"lora_dropout": 0.0}, 0), ({"lora_dropout": 0.05, "use_dora": True}, 0)],
+    ids=["lora", "no dropout", "dora"],
+)
+def test_the_kernel_takes_plain_lora_linears_with_a_dropout(options, routed_per_layer, tiny_llama_path):
+    from transformers import AutoModelForCausalLM
+
+    from workers.training import lora_dropout
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_path)
+    # B random, not zero as peft starts it, so that the branches change the output.
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False, **options)
+    model = peft.get_peft_model(base, config).eval()
+    inputs = torch.randint(4, 200, (1, 12))
+    with torch.no_grad():
+        before = model(input_ids=inputs).logits
+
+    assert lora_dropout.use_dropout_kernel(model) == routed_per_layer * base.config.num_hidden_layers
+    # Out of training (evaluation, export), the routed linears compute as peft's: the same logits.
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=inputs).logits, before)
+
+
 @pytest.mark.gpu
 def test_the_kernel_computes_dropout_then_the_down_projection_on_the_gpu():
     check(against_reference("cuda", torch.bfloat16), tolerance=2e-2)

@@ -10,13 +10,15 @@ eight mask entries (a drop chance of p rounded to 1/65536). lora_B, the scaling,
 adapter and everything peft does around the branch are unchanged: only lora_A(dropout(x)) is
 computed here, as the same function of the same weights.
 
-The engine's default on a bf16 GPU for LoRA and QLoRA with dropout (speed.use_lora_dropout_kernel).
+The engine's default on a bf16 GPU for LoRA with dropout (speed.use_lora_dropout_kernel). Not yet for
+QLoRA's quantized linears, whose step recomputes each layer (gradient checkpointing) and has not been
+run on a GPU with it.
 """
 
 import torch
 import triton
 import triton.language as tl
-from peft.tuners.lora.layer import LoraLayer
+from peft.tuners.lora.layer import Linear as LoraLinear
 from torch.library import triton_op, wrap_triton
 
 # One Philox call draws four 32-bit numbers, eight 16-bit ones: eight neighbouring inputs' masks.
@@ -187,6 +189,7 @@ def lora_forward(module, x, *args, **kwargs):
         or kwargs.get("adapter_names") is not None
     ):
         return type(module).forward(module, x, *args, **kwargs)
+    kwargs.pop("adapter_names", None)  # peft's, not the base layer's
     result = module.base_layer(x, *args, **kwargs)
     half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
     # Drawn on the GPU as part of the step, so that a replayed CUDA graph draws a new one each time.
@@ -198,14 +201,14 @@ def lora_forward(module, x, *args, **kwargs):
 def use_dropout_kernel(model):
     """Route each LoRA Linear's dropout and down-projection through dropout_down; how many were.
 
-    Those of peft's LoRA Linears (QLoRA's 4-bit one included) that have a dropout and an
-    input width the mask's groups of eight divide. For a bf16 GPU, which the kernel computes in.
+    peft's plain LoRA Linears (no DoRA, no quantized base) that have a dropout and an input
+    width the mask's groups of eight divide. For a bf16 GPU, which the kernel computes in.
     """
     routed = 0
     for module in model.modules():
-        if not isinstance(module, LoraLayer) or not isinstance(module.base_layer, torch.nn.Linear):
+        if type(module) is not LoraLinear or module.lora_variant or module.in_features % MASKS_PER_DRAW:
             continue
-        if module.in_features % MASKS_PER_DRAW or not any(isinstance(d, torch.nn.Dropout) for d in module.lora_dropout.values()):
+        if not any(isinstance(dropout, torch.nn.Dropout) for dropout in module.lora_dropout.values()):
             continue
         module.forward = lora_forward.__get__(module)
         routed += 1
