@@ -34,6 +34,14 @@ PEAK_BF16_FLOPS = {
 }
 
 
+# What an admin sets a TUNEDECK_ switch to, to turn that speed-up off on a worker.
+OFF_VALUES = ("0", "false", "no", "off")
+
+
+def turned_off(variable):
+    return os.environ.get(variable, "").strip().lower() in OFF_VALUES
+
+
 def on_bf16_gpu():
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
@@ -156,7 +164,7 @@ def use_liger(model, method_type):
     torch.compile, which fuses them itself.
     """
     wanted = os.environ.get("TUNEDECK_LIGER", "").strip().lower()
-    if not torch.cuda.is_available() or wanted in ("0", "false", "no", "off"):
+    if not torch.cuda.is_available() or wanted in OFF_VALUES:
         return False
     if method_type != "qlora" and wanted not in ("1", "true", "yes", "on"):
         return False
@@ -174,7 +182,7 @@ def use_liger(model, method_type):
 
 def use_lora_dropout_kernel(model):
     """LoRA's dropout and down-projection in one Triton kernel (lora_dropout.py); how many linears use it."""
-    if not on_bf16_gpu() or os.environ.get("TUNEDECK_LORA_KERNEL", "").strip().lower() in ("0", "false", "no", "off"):
+    if not on_bf16_gpu() or turned_off("TUNEDECK_LORA_KERNEL"):
         return 0
     from workers.training import lora_dropout  # Triton: GPU workers have it, a CPU-only install need not
 
@@ -192,7 +200,7 @@ def compile_in_place(model):
     mode ("default", "max-autotune-no-cudagraphs", ...), or is 0 to train eagerly.
     """
     mode = os.environ.get("TUNEDECK_COMPILE", "default").strip().lower()
-    if not torch.cuda.is_available() or mode in ("0", "false", "no", "off"):
+    if not torch.cuda.is_available() or mode in OFF_VALUES:
         return False
     blocks = transformer_blocks(model)
     for block in blocks:
@@ -217,7 +225,7 @@ def use_cuda_graphs(model, packs, fused_loss):
     checkpointing saves and restores RNG states, and Liger's fused loss reads its token
     count back, neither of which a graph can hold.
     """
-    if os.environ.get("TUNEDECK_CUDA_GRAPHS", "").strip().lower() in ("0", "false", "no", "off"):
+    if turned_off("TUNEDECK_CUDA_GRAPHS"):
         return False
     if not (torch.cuda.is_available() and packs) or fused_loss:
         return False
