@@ -10,7 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from jobs.spec import FullFineTuningConfig, LoraConfig
-from tests.engine.test_engine_packing import examples, packed
+from tests.engine.test_engine_packing import PAD, examples, packed
+from workers.training.data import collate_packed, real_tokens
 from tests.engine.test_engine_processes import run_in_processes
 from workers.training import speed
 
@@ -227,3 +228,27 @@ def test_packed_sequences_attend_within_themselves_as_with_sdpa(tiny_llama_path,
     neighbour_tolerance = {"rtol": tolerance, "atol": tolerance} if dtype == torch.bfloat16 else {}
     torch.testing.assert_close(fast_logits[0, 12:32], after_a_changed_neighbour[0, 12:32], **neighbour_tolerance)
     torch.testing.assert_close(fast_logits[0, 12:32], alone[0, :20], rtol=tolerance, atol=tolerance)
+
+
+def test_flash_attention_bounded_by_max_seq_length_computes_what_it_did_bounded_by_the_row(tiny_llama_path, monkeypatch):
+    monkeypatch.setenv("TUNEDECK_ATTENTION", "varlen")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_path, dtype=torch.bfloat16).cuda()
+    assert speed.attend_within_sequences(model) == "varlen flash attention"
+    rows = examples([100, 300, 200])  # 600 real tokens: a row of 768, its pad 168 long
+
+    def logits_and_gradients(max_seq_length):
+        batch = collate_packed(rows, PAD, batch_size=3, max_seq_length=max_seq_length)
+        real_tokens(batch)
+        model.zero_grad(set_to_none=True)
+        output = model(**{name: value.cuda() if torch.is_tensor(value) else value for name, value in batch.items()})
+        output.loss.backward()
+        gradients = {name: p.grad.float() for name, p in model.named_parameters() if "self_attn" in name}
+        return batch.get("max_length_q"), output.logits.float(), gradients
+
+    row_bound, row_logits, row_gradients = logits_and_gradients(None)
+    bound, bounded_logits, bounded_gradients = logits_and_gradients(300)
+    assert (row_bound, bound) == (None, 300)
+    torch.testing.assert_close(bounded_logits, row_logits, rtol=0, atol=0)
+    for name, gradient in row_gradients.items():
+        torch.testing.assert_close(bounded_gradients[name], gradient, rtol=1e-3, atol=1e-5, msg=name)

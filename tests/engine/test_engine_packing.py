@@ -113,6 +113,33 @@ def test_a_short_last_batch_keeps_the_sequence_boundaries_of_a_full_one():
     assert exactly_full["cu_seq_lens_q"].tolist() == [0, 128, 256, 256]
 
 
+def test_a_packed_row_bounds_its_sequences_by_max_seq_length_and_its_own_length():
+    # Flash attention launches blocks for max_length_q positions per sequence: the bound must hold every
+    # sequence of the row, the pad's too, and depend only on the row's length (one CUDA graph per length).
+    row = collate_packed(examples([300, 500]), PAD, batch_size=2, max_seq_length=512)
+    assert row["input_ids"].shape == (1, 1024) and row["max_length_q"] == 512
+    # A max_seq_length shorter than the pad (156 tokens here): the bound is the pad's longest, 256.
+    short = collate_packed(examples([40, 60]), PAD, batch_size=2, max_seq_length=128)
+    assert short["cu_seq_lens_q"].tolist() == [0, 40, 100, 256] and short["max_length_q"] == 256
+    # No longer than the row itself.
+    assert collate_packed(examples([300]), PAD, batch_size=1, max_seq_length=2048)["max_length_q"] == 512
+    assert "max_length_q" not in collate_packed(examples([300]), PAD, batch_size=1)
+    with pytest.raises(ValueError, match=r"a packed sequence of 600 tokens is longer than max_seq_length \(512\)"):
+        collate_packed(examples([100, 600]), PAD, batch_size=2, max_seq_length=512)
+
+
+def test_written_gradients_replace_the_ones_before():
+    # Graphed steps write the gradients into their buffer (speed.write_gradients) instead of adding to it.
+    used, unused = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2))
+    used.grad, unused.grad = torch.full((3,), 7.0), torch.full((2,), 7.0)
+    buffer = used.grad
+    inputs = torch.randn(3)
+    speed.write_gradients((used * inputs).sum(), [used, unused])
+    assert used.grad is buffer  # written in place, where a captured graph finds it
+    torch.testing.assert_close(used.grad, inputs)
+    torch.testing.assert_close(unused.grad, torch.zeros(2))
+
+
 def test_padded_batches_under_the_varlen_attention_compute_what_sdpa_does(tiny_llama_path):
     # Held-out rows come padded, with no sequence boundaries: the varlen attention hands them to SDPA.
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_path, dtype=torch.float32).eval()

@@ -164,7 +164,7 @@ def collate(examples, pad_token_id):
 PACKED_LENGTH_MULTIPLE = 256
 
 
-def collate_packed(examples, pad_token_id, batch_size):
+def collate_packed(examples, pad_token_id, batch_size, max_seq_length=None):
     """The batch's sequences end to end in one row, padded only up to a multiple of 256 tokens.
 
     Position ids restart at 0 with each sequence; from them transformers builds an
@@ -177,7 +177,10 @@ def collate_packed(examples, pad_token_id, batch_size):
     sequence before. The loss is then the same mean over the same targets as the
     padded batch's. The few pad tokens at the end form one more sequence with no
     targets; they keep the number of row lengths small, so a compiled step is
-    captured for each length once.
+    captured for each length once. Given the run's max_seq_length, max_length_q bounds
+    every sequence of the row, the pad's too: flash attention then launches blocks for
+    that many positions per sequence instead of the whole row's. It depends only on
+    the row's length, as a CUDA graph of that length needs.
     """
     input_ids, labels, position_ids, starts = [], [], [], []
     for example in examples:
@@ -190,7 +193,13 @@ def collate_packed(examples, pad_token_id, batch_size):
     if padding:
         starts.append(real)
     ends = [real + padding] * (batch_size + 2 - len(starts))
-    return {
+    bound = {}
+    if max_seq_length is not None:
+        longest = max(len(example.input_ids) for example in examples)
+        if longest > max_seq_length:  # attention would leave its end out: never, once tokenized to the limit
+            raise ValueError(f"a packed sequence of {longest} tokens is longer than max_seq_length ({max_seq_length})")
+        bound["max_length_q"] = min(real + padding, max(max_seq_length, PACKED_LENGTH_MULTIPLE))
+    return bound | {
         "input_ids": torch.tensor([input_ids + [pad_token_id] * padding]),
         "position_ids": torch.tensor([position_ids + list(range(padding))]),
         "labels": torch.tensor([labels + [IGNORE_INDEX] * padding]),
@@ -257,7 +266,9 @@ class EpochShuffle(Sampler):
         return self.row_count
 
 
-def make_loader(examples, batch_size, pad_token_id, shuffle=False, seed=0, pack=False, processes=1):
+def make_loader(
+    examples, batch_size, pad_token_id, shuffle=False, seed=0, pack=False, processes=1, max_seq_length=None
+):
     """Batches of `batch_size` rows: padded to the longest, or with `pack` in one row of their real tokens.
 
     Shuffled for `processes` processes, each step's batches carry about as many tokens each.
@@ -276,7 +287,7 @@ def make_loader(examples, batch_size, pad_token_id, shuffle=False, seed=0, pack=
         generator=torch.Generator().manual_seed(seed),
         # Pinned, a batch goes to the GPU without waiting for the step before it to end (non_blocking in loop.py).
         pin_memory=torch.cuda.is_available(),
-        collate_fn=partial(collate_packed, pad_token_id=pad_token_id, batch_size=batch_size)
+        collate_fn=partial(collate_packed, pad_token_id=pad_token_id, batch_size=batch_size, max_seq_length=max_seq_length)
         if pack
         else partial(collate, pad_token_id=pad_token_id),
     )

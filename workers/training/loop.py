@@ -100,6 +100,7 @@ def train(run, outdir, progress, pause_requested=None):
         seed=hyperparameters.seed,
         pack=packs,
         processes=accelerator.num_processes,
+        max_seq_length=hyperparameters.max_seq_length,
     )
     eval_loader = make_loader(data.eval, hyperparameters.batch_size, data.pad_token_id)
     fused_loss = spec.task == "causal_lm_sft" and speed.use_liger(model, spec.method.type)
@@ -166,7 +167,10 @@ def train(run, outdir, progress, pause_requested=None):
 
     def forward_backward(batch):
         loss = model(**batch).loss
-        accelerator.backward(loss)
+        if graphed:
+            speed.write_gradients(loss, trained)
+        else:
+            accelerator.backward(loss)
         return loss.detach()
 
     take_step = speed.GraphedSteps(forward_backward, trained, progress.log) if graphed else forward_backward
@@ -290,7 +294,8 @@ def train(run, outdir, progress, pause_requested=None):
             loss = take_step(batch)
             optimizer.step()
             scheduler.step()
-            optimizer.zero_grad(set_to_none=not graphed)
+            if not graphed:  # graphed steps overwrite their gradients
+                optimizer.zero_grad()
             step += 1
             # One exchange between the GPUs per step: the mean loss and all real tokens.
             exchanged = torch.stack([loss.detach().float(), tokens.to(loss.device).float()])
