@@ -135,12 +135,13 @@ def test_sharded_processes_on_gpus_train_as_ddp_does(tiny_llama_path, instructio
     run = lora_run(make_run, tiny_llama_path, instruction_set, max_steps=20, eval_fraction=0.1, eval_every=10,
                    checkpoint_every=10)
     monkeypatch.setenv("TUNEDECK_CUDA_GRAPHS", "0")
+    monkeypatch.setenv("TUNEDECK_COMPILE", "default")  # compiled, though 20 steps would not repay it
     sharded = run_in_processes(run.model_copy(update={"shard_weights": True}), tmp_path / "fsdp")
     assert sharded.returncode == 0, sharded.stderr[-4000:]
     ddp = run_in_processes(run, tmp_path / "ddp")
     assert ddp.returncode == 0, ddp.stderr[-4000:]
     messages = " ".join(line["message"] for line in sharded.of("log"))
-    assert "sharded over 2 processes (FSDP)" in messages and "compiled" in messages
+    assert "sharded over 2 processes (FSDP)" in messages and ", compiled" in messages
     assert [line["tokens_seen"] for line in sharded.of("step")] == [line["tokens_seen"] for line in ddp.of("step")]
     assert losses(sharded) == pytest.approx(losses(ddp), rel=2e-2, abs=2e-2)
     assert losses(sharded)[-1] < losses(sharded)[0] - 0.5
@@ -252,3 +253,15 @@ def test_flash_attention_bounded_by_max_seq_length_computes_what_it_did_bounded_
     torch.testing.assert_close(bounded_logits, row_logits, rtol=0, atol=0)
     for name, gradient in row_gradients.items():
         torch.testing.assert_close(bounded_gradients[name], gradient, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_a_job_too_short_to_repay_compiling_trains_eagerly_and_says_so(
+    tiny_llama_path, instruction_set, make_run, run_engine, tmp_path, monkeypatch
+):
+    monkeypatch.delenv("TUNEDECK_COMPILE", raising=False)  # the default: compile where it pays
+    result = run_engine(lora_run(make_run, tiny_llama_path, instruction_set), tmp_path / "short")
+    assert result.returncode == 0, result.stderr[-3000:]
+    messages = " ".join(line["message"] for line in result.of("log"))
+    assert f"not compiled: {STEPS} steps would not repay compiling" in messages, messages
+    assert "CUDA graphs" in messages
+    assert losses(result)[-1] < losses(result)[0] - 0.5

@@ -194,6 +194,20 @@ def test_the_base_stays_float32_for_full_fine_tuning_and_on_a_cpu():
     assert speed.base_dtype("lora") == (torch.bfloat16 if speed.on_bf16_gpu() else torch.float32)
 
 
+def test_a_job_compiles_only_when_its_steps_repay_compiling():
+    # Issue 7's 1B LoRA benchmark (N = 1,235,746,816) on an H100: compiling repays itself after some 4,000 steps.
+    flops_per_step = speed.flops_per_token("lora", 1_235_746_816) * 2640
+    h100 = speed.PEAK_BF16_FLOPS["H100"]
+    break_even = speed.COMPILE_SECONDS * h100 / (speed.COMPILE_SAVES_PEAK_TIMES * flops_per_step)
+    assert 3000 < break_even < 5000
+    assert not speed.compile_repays(flops_per_step, 80, h100)  # the benchmark's 80 steps: eager
+    assert not speed.compile_repays(flops_per_step, int(break_even * 0.9), h100)
+    assert speed.compile_repays(flops_per_step, int(break_even * 1.1), h100)
+    # A GPU of half the peak takes twice as long per step, and so repays sooner.
+    assert speed.compile_repays(flops_per_step, int(break_even * 0.6), h100 / 2)
+    assert speed.compile_repays(flops_per_step, 1, None)  # an unknown GPU: compiled, as before this estimate
+
+
 def test_mfu_counts_every_linear_weight_once(tiny_llama_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_path)
     config = model.config

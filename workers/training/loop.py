@@ -130,7 +130,11 @@ def train(run, outdir, progress, pause_requested=None):
         weight_decay=hyperparameters.weight_decay,
         fused=on_gpu,  # one kernel for all parameters instead of several per tensor
     )
-    compiled = speed.compile_in_place(model)
+    planned_steps = hyperparameters.max_steps or hyperparameters.epochs * math.ceil(
+        len(data.train) / (hyperparameters.batch_size * accelerator.num_processes)
+    )
+    tokens_per_step = hyperparameters.batch_size * sum(len(row.input_ids) for row in data.train) / len(data.train)
+    compiled = speed.compile_in_place(model, flops_per_token * tokens_per_step, planned_steps)
     # Sharded, the gradients are reduce-scattered as they come, outside anything a graph could hold.
     graphed = not sharded and speed.use_cuda_graphs(model, packs, fused_loss)
     # Graphed, several processes train without DDP's wrapper: its gradient hooks keep autograd nodes
@@ -194,7 +198,7 @@ def train(run, outdir, progress, pause_requested=None):
     progress.log(
         f"{'packed' if packs else 'padded'} batches, {next(model.parameters()).dtype} base weights"
         f"{f', sharded over {accelerator.num_processes} processes (FSDP)' if sharded else ''}"
-        f"{f', {attention}' if attention else ''}{', compiled' if compiled else ''}{', CUDA graphs' if graphed else ''}"
+        f"{f', {attention}' if attention else ''}{f', {compiled}' if compiled else ''}{', CUDA graphs' if graphed else ''}"
         f"{', fused linear cross-entropy' if fused_loss else ''}"
         f"{f', LoRA dropout kernel in {lora_dropout_kernel} linears' if lora_dropout_kernel else ''}"
     )

@@ -6,10 +6,11 @@ variable-length kernel keeping each sequence to itself, torch.compile of the tra
 blocks and of the loss, each step replayed as a CUDA graph (in one process or several),
 LoRA's dropout drawn inside a Triton kernel of our own (lora_dropout.py), fused AdamW and,
 with Liger Kernel installed, a fused linear + cross-entropy loss that never holds the whole
-vocabulary's logits. Each is a default where it pays; an admin can turn one off on a worker
-if a model trips it (`TUNEDECK_COMPILE=0`, `TUNEDECK_CUDA_GRAPHS=0`, `TUNEDECK_ATTENTION=flex`
-or `sdpa`, `TUNEDECK_LIGER=0`, `TUNEDECK_LORA_KERNEL=0`). None of them applies on a CPU,
-where the same loop runs in float32, eager.
+vocabulary's logits. Each is a default where it pays (compiling only for a job long enough to
+repay its minute); an admin can turn one off on a worker if a model trips it
+(`TUNEDECK_COMPILE=0`, `TUNEDECK_CUDA_GRAPHS=0`, `TUNEDECK_ATTENTION=flex` or `sdpa`,
+`TUNEDECK_LIGER=0`, `TUNEDECK_LORA_KERNEL=0`). None of them applies on a CPU, where the same
+loop runs in float32, eager.
 """
 
 import inspect
@@ -192,27 +193,49 @@ def use_lora_dropout_kernel(model):
     return lora_dropout.use_dropout_kernel(model)
 
 
-def compile_in_place(model):
-    """torch.compile each transformer block in place: a few fused kernels per block instead of hundreds of small ones.
+# What compiling costs and saves, measured on an H100 with the 1B LoRA benchmark (bench/README.md): its
+# first step takes 61-94 s (the compile cache warm or cold) instead of 4 s eagerly, and then each step
+# 38 ms instead of 59, 1.7 times the step's FLOPs at the GPU's dense peak.
+COMPILE_SECONDS = 90
+COMPILE_SAVES_PEAK_TIMES = 1.7
 
-    Regional compilation (https://pytorch.org/tutorials/recipes/regional_compilation.html):
-    the blocks of a model share their code, so one block is compiled and the others reuse it,
-    in seconds where the whole model takes minutes. In place (nn.Module.compile), so state
-    dicts, peft and accelerate see the same modules. Shapes are dynamic from the start:
-    packed rows change length from step to step. TUNEDECK_COMPILE names torch's compile
-    mode ("default", "max-autotune-no-cudagraphs", ...), or is 0 to train eagerly.
+
+def compile_repays(flops_per_step, steps, peak_flops):
+    """Whether a job of `steps` steps of `flops_per_step` saves more time compiled than compiling takes.
+
+    Where the GPU's peak is unknown, yes: compiling was the only choice before this estimate.
     """
-    mode = os.environ.get("TUNEDECK_COMPILE", "default").strip().lower()
+    if peak_flops is None:
+        return True
+    return steps * COMPILE_SAVES_PEAK_TIMES * flops_per_step / peak_flops > COMPILE_SECONDS
+
+
+def compile_in_place(model, flops_per_step, steps):
+    """torch.compile each transformer block in place, where it pays; says what it did (None on a CPU or turned off).
+
+    A few fused kernels per block instead of hundreds of small ones. Regional compilation
+    (https://pytorch.org/tutorials/recipes/regional_compilation.html): the blocks of a model
+    share their code, so one block is compiled and the others reuse it, in seconds where the
+    whole model takes minutes. In place (nn.Module.compile), so state dicts, peft and accelerate
+    see the same modules. Shapes are dynamic from the start: packed rows change length from
+    step to step. Compiling takes a minute or more before the first step, which a short job
+    never earns back: by default ("auto") the job compiles only when compile_repays.
+    TUNEDECK_COMPILE=default (or 1) compiles every job, another value names torch's compile
+    mode ("max-autotune-no-cudagraphs", ...), and 0 trains eagerly.
+    """
+    mode = os.environ.get("TUNEDECK_COMPILE", "auto").strip().lower()
     if not torch.cuda.is_available() or mode in OFF_VALUES:
-        return False
+        return None
+    if mode == "auto" and not compile_repays(flops_per_step, steps, peak_flops()):
+        return f"not compiled: {steps} steps would not repay compiling"
     blocks = transformer_blocks(model)
     for block in blocks:
-        block.compile(mode=None if mode in ("1", "default") else mode, dynamic=True)
+        block.compile(mode=None if mode in ("1", "default", "auto") else mode, dynamic=True)
     # The loss too: compiled, it reads the bf16 logits once, instead of first writing a float32 copy of them
     # (128k entries per token for Llama 3) and then reading that through softmax, forward and backward.
     transformers_model = model.get_base_model() if hasattr(model, "get_base_model") else model
     transformers_model.loss_function = torch.compile(transformers_model.loss_function, dynamic=True)
-    return bool(blocks)
+    return "compiled" if blocks else None
 
 
 def transformer_blocks(model):
