@@ -6,7 +6,7 @@ spec, mirroring what the engine does (speed.py): on a GPU a frozen base in bf16
 weights in float32 under bf16 autocast, float32 everywhere on a CPU; trainable
 weights in float32 with AdamW's two moments, activations for a batch whose rows
 all reach max_seq_length (the most a batch, packed or padded, can hold), and the
-float32 logits of the loss. The GPU figure is
+float32 logits of the loss (not for QLoRA on a GPU, whose fused loss never holds them). The GPU figure is
 what torch allocates (torch.cuda.max_memory_allocated, as the job page reports
 it); `fits` adds the CUDA context and allocator slack on top.
 
@@ -30,6 +30,13 @@ HEADS = ("lm_head", "classifier", "score", "pooler")
 ACTIVATION_BYTES_PER_HIDDEN = {"cuda": 2.4, "cpu": 8}
 ACTIVATION_BYTES_PER_FFN = {"cuda": 9.8, "cpu": 20}
 LOGIT_BYTES_PER_VOCAB = {"cuda": 12.8, "cpu": 12}
+# QLoRA on a GPU computes its loss with Liger Kernel's fused linear cross-entropy (speed.use_liger; GPU
+# workers install Liger with the gpu extra) for the model types Liger patches. It makes the logits a
+# chunk of tokens at a time and never holds them whole. What the step holds for it instead (the
+# input's gradient, a chunk's logits) and beyond the other parts, per token and hidden unit, fitted to
+# three QLoRA runs on an H100 whose every row was max_seq_length long (bench/README.md).
+FUSED_LOSS_MODEL_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "granite", "olmo2"}
+FUSED_LOSS_BYTES_PER_HIDDEN = 60
 # peft's LoRA dropout keeps its output per targeted layer, per token and input feature.
 LORA_DROPOUT_BYTES_PER_INPUT = 2.3
 # With gradient checkpointing (asked for, or QLoRA's), a layer keeps only its input until it is recomputed.
@@ -131,7 +138,9 @@ def estimate_peak_memory(info, spec, device="cuda", shards=1):
         # DoRA builds each adapted layer's full updated weight to take its norm, in float32.
         activations += 4 * sum(i * o * c for i, o, c in targeted(layer_linears, info, method.target_modules).values())
     parts["activations"] = activations
-    if causal_lm:
+    if causal_lm and device == "cuda" and method.type == "qlora" and info.get("model_type") in FUSED_LOSS_MODEL_TYPES:
+        parts["loss (fused, the logits never whole)"] = tokens * hidden * FUSED_LOSS_BYTES_PER_HIDDEN
+    elif causal_lm:
         parts["logits and loss"] = tokens * info["vocab_size"] * LOGIT_BYTES_PER_VOCAB[device]
     if device == "cpu":
         parts["Python, torch and libraries"] = CPU_PROCESS_BASELINE_MB * MB
