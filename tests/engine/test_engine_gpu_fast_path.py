@@ -11,9 +11,9 @@ from transformers import AutoModelForCausalLM
 
 from jobs.spec import FullFineTuningConfig, LoraConfig
 from tests.engine.test_engine_packing import PAD, examples, packed
-from workers.training.data import collate_packed, real_tokens
 from tests.engine.test_engine_processes import run_in_processes
 from workers.training import speed
+from workers.training.data import collate_packed, real_tokens
 
 pytestmark = pytest.mark.gpu
 

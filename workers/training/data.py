@@ -193,13 +193,7 @@ def collate_packed(examples, pad_token_id, batch_size, max_seq_length=None):
     if padding:
         starts.append(real)
     ends = [real + padding] * (batch_size + 2 - len(starts))
-    bound = {}
-    if max_seq_length is not None:
-        longest = max(len(example.input_ids) for example in examples)
-        if longest > max_seq_length:  # attention would leave its end out: never, once tokenized to the limit
-            raise ValueError(f"a packed sequence of {longest} tokens is longer than max_seq_length ({max_seq_length})")
-        bound["max_length_q"] = min(real + padding, max(max_seq_length, PACKED_LENGTH_MULTIPLE))
-    return bound | {
+    batch = {
         "input_ids": torch.tensor([input_ids + [pad_token_id] * padding]),
         "position_ids": torch.tensor([position_ids + list(range(padding))]),
         "labels": torch.tensor([labels + [IGNORE_INDEX] * padding]),
@@ -208,6 +202,12 @@ def collate_packed(examples, pad_token_id, batch_size, max_seq_length=None):
         "use_cache": False,
         REAL_TOKENS: torch.tensor(real),
     }
+    if max_seq_length is not None:
+        longest = max(len(example.input_ids) for example in examples)
+        if longest > max_seq_length:  # attention would leave its end out: never, once tokenized to the limit
+            raise ValueError(f"a packed sequence of {longest} tokens is longer than max_seq_length ({max_seq_length})")
+        batch["max_length_q"] = min(real + padding, max(max_seq_length, PACKED_LENGTH_MULTIPLE))
+    return batch
 
 
 REAL_TOKENS = "real_tokens"  # a packed batch's count, which is not for the model: take it out with real_tokens()

@@ -130,6 +130,8 @@ def train(run, outdir, progress, pause_requested=None):
         weight_decay=hyperparameters.weight_decay,
         fused=on_gpu,  # one kernel for all parameters instead of several per tensor
     )
+    # Planned here, before prepare(), since blocks compile before they are wrapped; total_steps, below,
+    # counts the prepared loader's batches exactly. A resumed job decides on all its steps, not those left.
     planned_steps = hyperparameters.max_steps or hyperparameters.epochs * math.ceil(
         len(data.train) / (hyperparameters.batch_size * accelerator.num_processes)
     )
