@@ -90,6 +90,11 @@ def write_dataset(path, lengths, seed=DATA_SEED):
     """One `text` row per sequence: length - 2 random characters (the tokenizer adds <s> and </s>)."""
     rng = random.Random(seed + 1)
     texts = ["".join(rng.choices(ALPHABET, k=length - 2)) for length in lengths]
+    # A special token's text drawn by chance ("<s>" once in some 1,400 rows) would be read as that one token.
+    from workers.training.tiny_model import SPECIAL_TOKENS
+
+    for special in SPECIAL_TOKENS.values():
+        texts = [text.replace(special, "[" + special[1:]) for text in texts]
     with open(path, "w") as file:
         for text in texts:
             file.write(json.dumps({"text": text}) + "\n")
@@ -273,7 +278,7 @@ def profile_worker(job):
 
     run = TrainingRun.model_validate_json(Path(job["spec"]).read_text())
     step_ends = []
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True,
                  schedule=schedule(wait=2, warmup=2, active=job["active"])) as profiler:
         class StepStream:  # the engine's progress lines; each step line advances the profiler
             def write(self, text):
@@ -286,12 +291,16 @@ def profile_worker(job):
                 pass
 
         train(run, job["outdir"], Progress(StepStream()))
-    kernels = {}
+    kernels, launches, short = {}, {}, [0, 0.0]
     for event in profiler.events():
         # GPU-side annotations (ProfilerStep#n, Optimizer.step#...) span kernels; they are not kernels.
         annotation = getattr(event, "is_user_annotation", False) or "#" in event.name or event.name.startswith("ProfilerStep")
         if event.device_type == torch.autograd.DeviceType.CUDA and not annotation:
             kernels[event.name] = kernels.get(event.name, 0) + event.time_range.elapsed_us()
+            launches[event.name] = launches.get(event.name, 0) + 1
+            if event.time_range.elapsed_us() < 5:  # too small to fill the GPU: what fusing kernels would save
+                short[0] += 1
+                short[1] += event.time_range.elapsed_us()
     kinds = {}
     for name, micros in kernels.items():
         lowered = name.lower()
@@ -300,12 +309,22 @@ def profile_worker(job):
         kinds[kind] = kinds.get(kind, 0) + micros
     total = sum(kinds.values())
     top = sorted(kernels.items(), key=lambda item: -item[1])[:40]
+    # The matmuls by their operands' shapes: which layer's product the GPU's time goes to.
+    matmuls = [average for average in profiler.key_averages(group_by_input_shape=True)
+               if average.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_mm")]
+    matmuls.sort(key=lambda average: -average.device_time_total)
     print("RESULT " + json.dumps({
         "active_steps": job["active"], "gpu_ms_per_step": total / 1000 / job["active"],
         # Wall time of the profiled steps (the profiler slows them a little): kernels over wall = GPU busy.
         "step_wall_ms_profiled": 1000 * statistics.median(b - a for a, b in zip(step_ends[4:], step_ends[5:])),
         "kinds_percent": {kind: round(100 * micros / total, 1) for kind, micros in sorted(kinds.items(), key=lambda i: -i[1])},
-        "top_kernels": [{"name": name[:120], "percent": round(100 * micros / total, 1)} for name, micros in top],
+        "top_kernels": [{"name": name[:120], "percent": round(100 * micros / total, 1),
+                         "launches_per_step": launches[name] / job["active"]} for name, micros in top],
+        "kernels_per_step": sum(launches.values()) / job["active"],
+        "kernels_under_5us_per_step": {"launches": short[0] / job["active"], "ms": short[1] / 1000 / job["active"]},
+        "top_matmuls": [{"op": average.key, "shapes": str(average.input_shapes), "calls_per_step": average.count / job["active"],
+                         "ms_per_step": average.device_time_total / 1000 / job["active"],
+                         "percent": round(100 * average.device_time_total / total, 1)} for average in matmuls[:40]],
     }), flush=True)
 
 
