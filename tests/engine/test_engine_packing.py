@@ -138,6 +138,11 @@ def test_written_gradients_replace_the_ones_before():
     assert used.grad is buffer  # written in place, where a captured graph finds it
     torch.testing.assert_close(used.grad, inputs)
     torch.testing.assert_close(unused.grad, torch.zeros(2))
+    # Taken through a stand-in the step computed with (a weight's bf16 copy), they still land on the weight.
+    stand_in = used.detach().clone().requires_grad_()
+    speed.write_gradients((stand_in * 2 * inputs).sum(), [used, unused], [stand_in, unused])
+    assert used.grad is buffer
+    torch.testing.assert_close(used.grad, 2 * inputs)
 
 
 def test_padded_batches_under_the_varlen_attention_compute_what_sdpa_does(tiny_llama_path):

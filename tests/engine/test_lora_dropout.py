@@ -78,6 +78,82 @@ def test_the_kernel_computes_dropout_then_the_down_projection_in_the_interpreter
     check(json.loads(result.stdout.splitlines()[-1]), tolerance=1e-5)
 
 
+def step_inputs_against_casting():
+    """One step's loss and gradients through StepInputs beside the same step casting the weights, after an update.
+
+    On the CPU the step computes in float32, so the copies are float32 ones: what is checked is that the
+    step computes with the weights' current values, that each gradient reaches its own weight and that
+    each step draws new masks.
+    """
+    from workers.training import lora_dropout
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(
+        torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Linear(48, 32)),
+        peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.2, target_modules=["0", "1"], init_lora_weights=False),
+    )
+    assert lora_dropout.use_dropout_kernel(model) == 2
+    linears = [model.base_model.model[0], model.base_model.model[1]]
+    trained = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    inputs = lora_dropout.StepInputs(model, torch.float32)
+    x = torch.randn(1, 10, 64)
+
+    def step(computed_from):
+        loss = model(x).square().mean()
+        for parameter in trained:
+            parameter.grad = torch.zeros_like(parameter)
+        speed.write_gradients(loss, trained, computed_from)
+        return loss.item(), [parameter.grad.clone() for parameter in trained]
+
+    def step_casting():  # the same step, the same seeds, the routed linears casting their weights
+        copies = [linear.__dict__.pop("half_copies") for linear in linears]
+        result = step(trained)
+        for linear, linear_copies in zip(linears, copies):
+            linear.half_copies = linear_copies
+        return result
+
+    inputs.refresh()
+    first_seeds = inputs.seeds.tolist()
+    with torch.no_grad():  # as an optimizer step would
+        for parameter in trained:
+            parameter.add_(0.1)
+    stale_loss, _ = step(inputs.computed_from(trained))
+    updated_loss, _ = step_casting()
+    inputs.refresh()
+    loss, gradients = step(inputs.computed_from(trained))
+    cast_loss, cast_gradients = step_casting()
+    return {
+        "copies": len(inputs.copies),
+        "stand-ins": sum(stand_in is not parameter for stand_in, parameter in zip(inputs.computed_from(trained), trained)),
+        "new seeds": inputs.seeds.tolist() != first_seeds and len(set(first_seeds)) == 2,
+        "stale loss differs": stale_loss != updated_loss,
+        "loss": abs(loss - cast_loss),
+        "largest gradient difference": max((g - c).abs().max().item() for g, c in zip(gradients, cast_gradients)),
+        "smallest gradient": min(c.abs().max().item() for c in cast_gradients),
+    }
+
+
+def test_step_inputs_compute_the_step_that_casting_the_weights_computes():
+    script = (
+        "import json; from tests.engine.test_lora_dropout import step_inputs_against_casting; "
+        "print(json.dumps(step_inputs_against_casting()))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=os.environ | {"TRITON_INTERPRET": "1"}, cwd=ROOT,
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.splitlines()[-1])
+    # A and B of both linears have copies, and the step's gradients are taken through them.
+    assert found["copies"] == found["stand-ins"] == 4, found
+    assert found["new seeds"], found  # one for each linear, drawn anew for each step
+    # Until refreshed, the copies hold the weights from before the update: the refresh is what makes the step right.
+    assert found["stale loss differs"], found
+    assert found["loss"] < 1e-6, found
+    assert found["smallest gradient"] > 1e-3, found  # every weight has a gradient to compare
+    assert found["largest gradient difference"] < 1e-6, found
+
+
 @pytest.mark.parametrize(
     "options, routed_per_layer",
     [({"lora_dropout": 0.05}, 7), ({"lora_dropout": 0.0}, 0), ({"lora_dropout": 0.05, "use_dora": True}, 0)],

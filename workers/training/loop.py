@@ -171,10 +171,16 @@ def train(run, outdir, progress, pause_requested=None):
         # Last: loading the model and applying the method drew from these generators too.
         restore_rng_states(state["rng"])
 
+    # Graphed, the routed LoRA linears take bf16 copies of their weights and their dropout seeds from each step's start.
+    step_inputs = speed.step_inputs(model, lora_dropout_kernel) if graphed else None
+    computed_from = step_inputs.computed_from(trained) if step_inputs else trained
+
     def forward_backward(batch):
+        if step_inputs:
+            step_inputs.refresh()
         loss = model(**batch).loss
         if graphed:
-            speed.write_gradients(loss, trained)
+            speed.write_gradients(loss, trained, computed_from)
         else:
             accelerator.backward(loss)
         return loss.detach()

@@ -193,9 +193,16 @@ def lora_forward(module, x, *args, **kwargs):
     result = module.base_layer(x, *args, **kwargs)
     half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
     # Drawn on the GPU as part of the step, so that a replayed CUDA graph draws a new one each time.
-    seed = torch.randint(2**31 - 1, (1,), device=x.device)
-    h = dropout_down(x.to(half), module.lora_A[adapter].weight.to(half), seed, dropout.p)
-    return (result + module.lora_B[adapter](h) * module.scaling[adapter]).to(result.dtype)
+    seed = getattr(module, "dropout_seed", None)
+    if seed is None:
+        seed = torch.randint(2**31 - 1, (1,), device=x.device)
+    copies = getattr(module, "half_copies", {}).get(adapter)
+    if copies is None:
+        h = dropout_down(x.to(half), module.lora_A[adapter].weight.to(half), seed, dropout.p)
+        return (result + module.lora_B[adapter](h) * module.scaling[adapter]).to(result.dtype)
+    lora_a, lora_b = copies
+    h = dropout_down(x.to(half), lora_a, seed, dropout.p)
+    return (result + torch.nn.functional.linear(h, lora_b) * module.scaling[adapter]).to(result.dtype)
 
 
 def use_dropout_kernel(model):
@@ -213,3 +220,48 @@ def use_dropout_kernel(model):
         module.forward = lora_forward.__get__(module)
         routed += 1
     return routed
+
+
+class StepInputs:
+    """What the routed linears take from the start of each step, made there in two kernels for all of them.
+
+    Their LoRA weights, copied in the dtype the step computes in. Cast inside the step, each took a kernel
+    of its own forward, and its gradient another back to float32: some 450 kernels of 2 µs per step for
+    the 112 linears of the 1B benchmark (bench/README.md). Here one multi-tensor copy refreshes them all,
+    the step takes its gradients with respect to the copies (computed_from), and write_gradients copies
+    those into the float32 weights' .grad in one more. The same numbers as casting: the copies hold the
+    weights cast as autocast casts them. Only for steps whose gradients write_gradients takes: backward()
+    would leave them on the copies.
+
+    And their dropout seeds, drawn in one kernel instead of one each.
+    """
+
+    def __init__(self, model, dtype):
+        routed = [module for module in model.modules() if getattr(module.forward, "__func__", None) is lora_forward]
+        self.weights, self.copies = [], []
+        self.seeds = torch.zeros(len(routed), dtype=torch.int64, device=next(model.parameters()).device)
+        for index, module in enumerate(routed):
+            module.dropout_seed = self.seeds[index : index + 1]
+            # A bias on B (peft's lora_bias) stays on peft's cast path.
+            module.half_copies = {
+                adapter: (self.copy(module.lora_A[adapter].weight, dtype), self.copy(module.lora_B[adapter].weight, dtype))
+                for adapter in module.lora_A
+                if module.lora_B[adapter].bias is None
+            }
+
+    def copy(self, weight, dtype):
+        copy = weight.detach().to(dtype, copy=True).requires_grad_(weight.requires_grad)
+        self.weights.append(weight)
+        self.copies.append(copy)
+        return copy
+
+    @torch.no_grad()
+    def refresh(self):
+        """Copy the weights' current values (after an optimizer step, or a checkpoint's) and draw new seeds."""
+        torch._foreach_copy_(self.copies, self.weights)
+        self.seeds.random_(2**31 - 1)
+
+    def computed_from(self, parameters):
+        """What the step's gradients are taken with respect to, for each of `parameters`: its copy, or itself."""
+        stand_ins = {id(weight): copy for weight, copy in zip(self.weights, self.copies)}
+        return [stand_ins.get(id(parameter), parameter) for parameter in parameters]

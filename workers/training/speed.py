@@ -184,6 +184,15 @@ def use_liger(model, method_type):
     return True
 
 
+def step_inputs(model, lora_dropout_kernel):
+    """What the dropout kernel's linears take from the start of each step (lora_dropout.StepInputs), or None."""
+    if not lora_dropout_kernel:
+        return None
+    from workers.training import lora_dropout
+
+    return lora_dropout.StepInputs(model, torch.bfloat16)
+
+
 def use_lora_dropout_kernel(model):
     """LoRA's dropout and down-projection in one Triton kernel (lora_dropout.py); how many linears use it."""
     if not on_bf16_gpu() or turned_off("TUNEDECK_LORA_KERNEL"):
@@ -346,13 +355,14 @@ class GraphedSteps:
         return True
 
 
-def write_gradients(loss, parameters):
+def write_gradients(loss, parameters, computed_from=None):
     """Write the loss's gradients into the parameters' .grad (GraphedSteps' buffer) with one multi-tensor copy.
 
     Autograd's backward() would add each into its .grad with a kernel of its own: 224 additions of a
-    few microseconds each per step of the 1B LoRA benchmark (bench/README.md).
+    few microseconds each per step of the 1B LoRA benchmark (bench/README.md). `computed_from` names,
+    for each parameter, the tensor the step computed with in its place (lora_dropout.StepInputs).
     """
-    gradients = torch.autograd.grad(loss, parameters, materialize_grads=True)
+    gradients = torch.autograd.grad(loss, computed_from or parameters, materialize_grads=True)
     torch._foreach_copy_([parameter.grad for parameter in parameters], gradients)
 
 
