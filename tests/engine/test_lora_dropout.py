@@ -22,24 +22,24 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def against_reference(device, dtype):
-    """The kernel's output and gradients beside torch's dropout-then-matmul with the kernel's own mask.
+    """The kernel's output and gradients beside torch's dropout-then-matmul-then-scaling with the kernel's own mask.
 
     Rows that are no multiple of the blocks and a rank no power of two, as a user's settings may be.
     """
     from workers.training import lora_dropout
 
     generator = torch.Generator(device).manual_seed(0)
-    rows, columns, rank, p = 70, 512, 12, 0.25
+    rows, columns, rank, p, scaling = 70, 512, 12, 0.25, 1.5
     x = torch.randn(1, rows, columns, device=device, generator=generator).to(dtype).requires_grad_()
     a = (0.05 * torch.randn(rank, columns, device=device, generator=generator)).to(dtype).requires_grad_()
     seed = torch.tensor([1234], device=device)
-    h = lora_dropout.dropout_down(x, a, seed, p)
+    h = lora_dropout.dropout_down(x, a, seed, p, scaling)
     grad_h = torch.randn(h.shape, device=device, generator=generator).to(dtype)
     h.backward(grad_h)
 
     kept = lora_dropout.mask(seed, rows, columns, p)
     x_float, a_float = x.detach().float().requires_grad_(), a.detach().float().requires_grad_()
-    h_expected = (x_float[0] * kept / (1 - p)) @ a_float.t()
+    h_expected = (x_float[0] * kept / (1 - p)) @ a_float.t() * scaling
     h_expected.backward(grad_h[0].float())
 
     def largest_relative_difference(found, expected):

@@ -6,9 +6,10 @@ linears it draws a random number per input element, writes the mask and a droppe
 input, and reads both back in the backward. Here one kernel reads x once, draws the mask as it
 goes and returns only h = dropout(x) A^T, a few columns wide; the backward draws the same mask
 again from the step's seed instead of keeping it. One Philox draw gives eight 16-bit numbers, so
-eight mask entries (a drop chance of p rounded to 1/65536). lora_B, the scaling, the saved
-adapter and everything peft does around the branch are unchanged: only lora_A(dropout(x)) is
-computed here, as the same function of the same weights.
+eight mask entries (a drop chance of p rounded to 1/65536). The kernel also applies LoRA's scaling,
+to h rather than to B's product. lora_B, the saved adapter and everything peft does around the
+branch are unchanged: only lora_A(dropout(x)) * scaling is computed here, as the same function of
+the same weights.
 
 The engine's default on a bf16 GPU for LoRA with dropout (speed.use_lora_dropout_kernel). Not yet for
 QLoRA's quantized linears, whose step recomputes each layer (gradient checkpointing) and has not been
@@ -108,15 +109,15 @@ def _rank_block(rank):
 
 
 @triton_op("tunedeck::lora_dropout_down", mutates_args=())
-def dropout_down(x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
-    """dropout(x, p) @ lora_a.T, the mask drawn from `seed` (a one-element int64 tensor on x's device)."""
+def dropout_down(x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: float, scaling: float = 1.0) -> torch.Tensor:
+    """dropout(x, p) @ lora_a.T * scaling, the mask drawn from `seed` (a one-element int64 tensor on x's device)."""
     rows = x.reshape(-1, x.shape[-1])
     rank, columns = lora_a.shape
     # Each program sums over its share of the width; the shares are added after, in a fixed order (no atomics).
     h_parts = torch.empty((triton.cdiv(columns, COLUMNS_PER_PROGRAM), rows.shape[0], rank), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(rows.shape[0], ROWS_PER_BLOCK), h_parts.shape[0])
     wrap_triton(_forward_kernel)[grid](
-        rows, lora_a, h_parts, seed, rows.shape[0], columns, rows.stride(0), _drop_below(p), 1 / (1 - p),
+        rows, lora_a, h_parts, seed, rows.shape[0], columns, rows.stride(0), _drop_below(p), scaling / (1 - p),
         RANK=rank, RANK_BLOCK=_rank_block(rank), BLOCK_ROWS=ROWS_PER_BLOCK, BLOCK_COLUMNS=COLUMNS_PER_BLOCK,
         COLUMNS_PER_PROGRAM=COLUMNS_PER_PROGRAM, num_warps=FORWARD_WARPS, num_stages=FORWARD_STAGES,
     )
@@ -125,7 +126,7 @@ def dropout_down(x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: f
 
 @triton_op("tunedeck::lora_dropout_down_backward", mutates_args=())
 def dropout_down_backward(
-    x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, grad_h: torch.Tensor, p: float
+    x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, grad_h: torch.Tensor, p: float, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     rows = x.reshape(-1, x.shape[-1])
     grad_h = grad_h.reshape(-1, grad_h.shape[-1]).contiguous()
@@ -137,7 +138,7 @@ def dropout_down_backward(
     grid = (triton.cdiv(columns, BACKWARD_COLUMNS_PER_BLOCK), parts)
     wrap_triton(_backward_kernel)[grid](
         rows, lora_a, grad_h, grad_x, grad_a_parts, seed, rows.shape[0], columns, rows.stride(0),
-        _drop_below(p), 1 / (1 - p),
+        _drop_below(p), scaling / (1 - p),
         RANK=rank, RANK_BLOCK=_rank_block(rank), BLOCK_ROWS=BACKWARD_ROWS_PER_BLOCK,
         BLOCK_COLUMNS=BACKWARD_COLUMNS_PER_BLOCK, BLOCKS_PER_PROGRAM=BACKWARD_BLOCKS_PER_PROGRAM,
         num_warps=BACKWARD_WARPS, num_stages=BACKWARD_STAGES,
@@ -146,15 +147,15 @@ def dropout_down_backward(
 
 
 def _setup_context(ctx, inputs, output):
-    x, lora_a, seed, p = inputs
+    x, lora_a, seed, p, scaling = inputs
     ctx.save_for_backward(x, lora_a, seed)
-    ctx.p = p
+    ctx.p, ctx.scaling = p, scaling
 
 
 def _backward(ctx, grad_h):
     x, lora_a, seed = ctx.saved_tensors
-    grad_x, grad_a = dropout_down_backward(x, lora_a, seed, grad_h, ctx.p)
-    return grad_x, grad_a, None, None
+    grad_x, grad_a = dropout_down_backward(x, lora_a, seed, grad_h, ctx.p, ctx.scaling)
+    return grad_x, grad_a, None, None, None
 
 
 dropout_down.register_autograd(_backward, setup_context=_setup_context)
@@ -197,12 +198,14 @@ def lora_forward(module, x, *args, **kwargs):
     if seed is None:
         seed = torch.randint(2**31 - 1, (1,), device=x.device)
     copies = getattr(module, "half_copies", {}).get(adapter)
+    # Scaled here, h (rank wide) rather than B's product (as wide as the output): a scaled product's gradient
+    # would be a copy of the output's gradient, written and read back for each linear.
     if copies is None:
-        h = dropout_down(x.to(half), module.lora_A[adapter].weight.to(half), seed, dropout.p)
-        return (result + module.lora_B[adapter](h) * module.scaling[adapter]).to(result.dtype)
+        h = dropout_down(x.to(half), module.lora_A[adapter].weight.to(half), seed, dropout.p, module.scaling[adapter])
+        return (result + module.lora_B[adapter](h)).to(result.dtype)
     lora_a, lora_b = copies
-    h = dropout_down(x.to(half), lora_a, seed, dropout.p)
-    return (result + torch.nn.functional.linear(h, lora_b) * module.scaling[adapter]).to(result.dtype)
+    h = dropout_down(x.to(half), lora_a, seed, dropout.p, module.scaling[adapter])
+    return (result + torch.nn.functional.linear(h, lora_b)).to(result.dtype)
 
 
 def use_dropout_kernel(model):
