@@ -322,7 +322,8 @@ def profile_worker(job):
                          "launches_per_step": launches[name] / job["active"]} for name, micros in top],
         "kernels_per_step": sum(launches.values()) / job["active"],
         "kernels_under_5us_per_step": {"launches": short[0] / job["active"], "ms": short[1] / 1000 / job["active"]},
-        "top_matmuls": [{"op": average.key, "shapes": str(average.input_shapes), "calls_per_step": average.count / job["active"],
+        "top_matmuls": [{"op": average.key, "shapes": str(average.input_shapes),
+                         "calls_per_step": average.count / job["active"],
                          "ms_per_step": average.device_time_total / 1000 / job["active"],
                          "percent": round(100 * average.device_time_total / total, 1)} for average in matmuls[:40]],
     }), flush=True)

@@ -124,7 +124,7 @@ def step_inputs_against_casting():
     cast_loss, cast_gradients = step_casting()
     return {
         "copies": len(inputs.copies),
-        "stand-ins": sum(stand_in is not parameter for stand_in, parameter in zip(inputs.computed_from(trained), trained)),
+        "stand-ins": sum(stand_in is not weight for stand_in, weight in zip(inputs.computed_from(trained), trained)),
         "new seeds": inputs.seeds.tolist() != first_seeds and len(set(first_seeds)) == 2,
         "stale loss differs": stale_loss != updated_loss,
         "loss": abs(loss - cast_loss),

@@ -109,7 +109,9 @@ def _rank_block(rank):
 
 
 @triton_op("tunedeck::lora_dropout_down", mutates_args=())
-def dropout_down(x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: float, scaling: float = 1.0) -> torch.Tensor:
+def dropout_down(
+    x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: float, scaling: float = 1.0
+) -> torch.Tensor:
     """dropout(x, p) @ lora_a.T * scaling, the mask drawn from `seed` (a one-element int64 tensor on x's device)."""
     rows = x.reshape(-1, x.shape[-1])
     rank, columns = lora_a.shape
@@ -229,8 +231,9 @@ class StepInputs:
     """What the routed linears take from the start of each step, made there in two kernels for all of them.
 
     Their LoRA weights, copied in the dtype the step computes in. Cast inside the step, each took a kernel
-    of its own forward, and its gradient another back to float32: some 450 kernels of 2 µs per step for
-    the 112 linears of the 1B benchmark (bench/README.md). Here one multi-tensor copy refreshes them all,
+    of its own forward, and its gradient another back to float32: a few hundred kernels of about 2 µs per
+    step for the 112 linears of the 1B benchmark, whose tokens/s this raised 1.7% (bench/README.md,
+    ninth pass). Here one multi-tensor copy refreshes them all,
     the step takes its gradients with respect to the copies (computed_from), and write_gradients copies
     those into the float32 weights' .grad in one more. The same numbers as casting: the copies hold the
     weights cast as autocast casts them. Only for steps whose gradients write_gradients takes: backward()
@@ -247,7 +250,7 @@ class StepInputs:
             module.dropout_seed = self.seeds[index : index + 1]
             # A bias on B (peft's lora_bias) stays on peft's cast path.
             module.half_copies = {
-                adapter: (self.copy(module.lora_A[adapter].weight, dtype), self.copy(module.lora_B[adapter].weight, dtype))
+                adapter: tuple(self.copy(layer[adapter].weight, dtype) for layer in (module.lora_A, module.lora_B))
                 for adapter in module.lora_A
                 if module.lora_B[adapter].bias is None
             }
