@@ -291,16 +291,17 @@ def profile_worker(job):
                 pass
 
         train(run, job["outdir"], Progress(StepStream()))
-    kernels, launches, short = {}, {}, [0, 0.0]
+    kernels, launches = {}, {}
+    short_launches, short_micros = 0, 0.0  # kernels too small to fill the GPU: what fusing kernels would save
     for event in profiler.events():
         # GPU-side annotations (ProfilerStep#n, Optimizer.step#...) span kernels; they are not kernels.
         annotation = getattr(event, "is_user_annotation", False) or "#" in event.name or event.name.startswith("ProfilerStep")
         if event.device_type == torch.autograd.DeviceType.CUDA and not annotation:
             kernels[event.name] = kernels.get(event.name, 0) + event.time_range.elapsed_us()
             launches[event.name] = launches.get(event.name, 0) + 1
-            if event.time_range.elapsed_us() < 5:  # too small to fill the GPU: what fusing kernels would save
-                short[0] += 1
-                short[1] += event.time_range.elapsed_us()
+            if event.time_range.elapsed_us() < 5:
+                short_launches += 1
+                short_micros += event.time_range.elapsed_us()
     kinds = {}
     for name, micros in kernels.items():
         lowered = name.lower()
@@ -321,7 +322,8 @@ def profile_worker(job):
         "top_kernels": [{"name": name[:120], "percent": round(100 * micros / total, 1),
                          "launches_per_step": launches[name] / job["active"]} for name, micros in top],
         "kernels_per_step": sum(launches.values()) / job["active"],
-        "kernels_under_5us_per_step": {"launches": short[0] / job["active"], "ms": short[1] / 1000 / job["active"]},
+        "kernels_under_5us_per_step": {"launches": short_launches / job["active"],
+                                       "ms": short_micros / 1000 / job["active"]},
         "top_matmuls": [{"op": average.key, "shapes": str(average.input_shapes),
                          "calls_per_step": average.count / job["active"],
                          "ms_per_step": average.device_time_total / 1000 / job["active"],

@@ -65,17 +65,19 @@ def check(found, tolerance):
         assert found[name] < tolerance, (name, found)
 
 
-def test_the_kernel_computes_dropout_then_the_down_projection_in_the_interpreter():
-    script = (
-        "import json, torch; from tests.engine.test_lora_dropout import against_reference; "
-        "print(json.dumps(against_reference('cpu', torch.float32)))"
-    )
+def in_the_interpreter(call):
+    """What `call`, an expression over this module's names, returns in a process that runs Triton's interpreter."""
+    script = f"import json, torch; from tests.engine import test_lora_dropout as here; print(json.dumps(here.{call}))"
     result = subprocess.run(
         [sys.executable, "-c", script], env=os.environ | {"TRITON_INTERPRET": "1"}, cwd=ROOT,
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    check(json.loads(result.stdout.splitlines()[-1]), tolerance=1e-5)
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def test_the_kernel_computes_dropout_then_the_down_projection_in_the_interpreter():
+    check(in_the_interpreter("against_reference('cpu', torch.float32)"), tolerance=1e-5)
 
 
 def step_inputs_against_casting():
@@ -134,16 +136,7 @@ def step_inputs_against_casting():
 
 
 def test_step_inputs_compute_the_step_that_casting_the_weights_computes():
-    script = (
-        "import json; from tests.engine.test_lora_dropout import step_inputs_against_casting; "
-        "print(json.dumps(step_inputs_against_casting()))"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", script], env=os.environ | {"TRITON_INTERPRET": "1"}, cwd=ROOT,
-        capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    found = json.loads(result.stdout.splitlines()[-1])
+    found = in_the_interpreter("step_inputs_against_casting()")
     # A and B of both linears have copies, and the step's gradients are taken through them.
     assert found["copies"] == found["stand-ins"] == 4, found
     assert found["new seeds"], found  # one for each linear, drawn anew for each step
