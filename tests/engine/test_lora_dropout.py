@@ -147,6 +147,71 @@ def test_step_inputs_compute_the_step_that_casting_the_weights_computes():
     assert found["largest gradient difference"] < 1e-6, found
 
 
+def shared_inputs_against_separate_linears(model_path):
+    """Two steps of a tiny Llama with q/k/v and gate/up sharing their matmuls, beside the same steps with a matmul each.
+
+    The same weights and seeds, so the same masks; an update of the weights (A and B) between the steps, as an
+    optimizer step makes, so that the second step shows the refresh reaching the B's inside the shared matrices.
+    In float64, so that what differs is only the order of the sums.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from workers.training import lora_dropout
+
+    def two_steps(share_inputs):
+        torch.manual_seed(0)
+        model = peft.get_peft_model(
+            AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float64),
+            peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules="all-linear", init_lora_weights=False),
+        )
+        lora_dropout.use_dropout_kernel(model)
+        trained = [parameter for parameter in model.parameters() if parameter.requires_grad]
+        inputs = lora_dropout.StepInputs(model, torch.float64, share_inputs=share_inputs)
+        ids = torch.randint(4, 200, (1, 24))
+        results = []
+        for _ in range(2):
+            inputs.refresh()
+            model.train()
+            loss = model(input_ids=ids, labels=ids).loss
+            for parameter in trained:
+                parameter.grad = torch.zeros_like(parameter)
+            speed.write_gradients(loss, trained, inputs.computed_from(trained))
+            model.eval()
+            with torch.no_grad():
+                logits = model(input_ids=ids).logits
+            results.append((loss.item(), [parameter.grad.clone() for parameter in trained], logits))
+            with torch.no_grad():
+                for parameter in trained:
+                    parameter.add_(0.1 * torch.randn_like(parameter))
+        return inputs, results
+
+    shared, shared_steps = two_steps(share_inputs=True)
+    separate, separate_steps = two_steps(share_inputs=False)
+    steps = []
+    for (loss, gradients, logits), (separate_loss, separate_gradients, separate_logits) in zip(shared_steps, separate_steps):
+        steps.append({
+            "loss": abs(loss - separate_loss),
+            "largest relative gradient difference": max(
+                ((g - s).abs().max() / s.abs().max()).item() for g, s in zip(gradients, separate_gradients)
+            ),
+            "smallest gradient": min(s.abs().max().item() for s in separate_gradients),
+            "evaluation logits": (logits - separate_logits).abs().max().item(),
+        })
+    return {"shared B's": len(shared.b_blocks), "separate B's": len(separate.b_blocks), "steps": steps}
+
+
+def test_linears_that_read_the_same_input_share_a_matmul_and_compute_the_same_step(tiny_llama_path):
+    found = in_the_interpreter(f"shared_inputs_against_separate_linears({str(tiny_llama_path)!r})")
+    layers = json.loads((tiny_llama_path / "config.json").read_text())["num_hidden_layers"]
+    assert found["shared B's"] == 5 * layers and found["separate B's"] == 0, found  # q, k, v, gate and up
+    for step in found["steps"]:
+        assert step["smallest gradient"] > 1e-3, found  # every weight has a gradient to compare
+        assert step["loss"] < 1e-12, found
+        assert step["largest relative gradient difference"] < 1e-12, found
+        # Out of training the bases, now views of the shared matrices, compute as they did.
+        assert step["evaluation logits"] < 1e-12, found
+
+
 @pytest.mark.parametrize(
     "options, routed_per_layer",
     [({"lora_dropout": 0.05}, 7), ({"lora_dropout": 0.0}, 0), ({"lora_dropout": 0.05, "use_dora": True}, 0)],

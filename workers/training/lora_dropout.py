@@ -193,8 +193,11 @@ def lora_forward(module, x, *args, **kwargs):
     ):
         return type(module).forward(module, x, *args, **kwargs)
     kwargs.pop("adapter_names", None)  # peft's, not the base layer's
-    result = module.base_layer(x, *args, **kwargs)
     half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+    shared_input = getattr(module, "shared_input", None)
+    if shared_input is not None and not args and not kwargs:
+        return shared_input(module, x.to(half))
+    result = module.base_layer(x, *args, **kwargs)
     # Drawn on the GPU as part of the step, so that a replayed CUDA graph draws a new one each time.
     seed = getattr(module, "dropout_seed", None)
     if seed is None:
@@ -208,6 +211,101 @@ def lora_forward(module, x, *args, **kwargs):
     lora_a, lora_b = copies
     h = dropout_down(x.to(half), lora_a, seed, dropout.p, module.scaling[adapter])
     return (result + torch.nn.functional.linear(h, lora_b)).to(result.dtype)
+
+
+# Linears that read the same input, by the names Llama-like models give them.
+SHARED_INPUT_NAMES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class SharedInput:
+    """Routed linears that read the same x (q, k and v; gate and up) as one matmul, their LoRA branches inside it.
+
+    peft adds each branch's B product to its base's output: a rank-16 matmul as wide as the output, whose
+    result is written and read back, and whose backward reads the output's gradient once more for h's.
+    Here the bases' weights and the B's are one matrix, [[W_q, B_q, 0, 0], [W_k, 0, B_k, 0], [W_v, 0, 0, B_v]]:
+    [x | h_q | h_k | h_v] times it gives every output with its branch added, and the backward's one matmul
+    gives x's gradient (the bases' share) and the h's. The bases' weights become views of the matrix, so it
+    takes no more memory; StepInputs copies the B's into it at the start of each step.
+
+    The first member called computes all the outputs and leaves the others theirs, which they take if their
+    x is that x.
+    """
+
+    def __init__(self, members, adapter, dtype):
+        self.members, self.adapter = members, adapter
+        bases = [member.base_layer.weight for member in members]
+        self.ranks = [member.lora_A[adapter].weight.shape[0] for member in members]
+        in_features = members[0].in_features
+        self.weight = torch.zeros(
+            sum(base.shape[0] for base in bases), in_features + sum(self.ranks), dtype=dtype, device=bases[0].device
+        )
+        self.b_blocks, first_row, first_column = [], 0, in_features
+        for base, rank in zip(bases, self.ranks):
+            rows = slice(first_row, first_row + base.shape[0])
+            self.weight[rows, :in_features] = base.detach()
+            base.data = self.weight[rows, :in_features]
+            self.b_blocks.append(self.weight[rows, first_column : first_column + rank])
+            first_row, first_column = rows.stop, first_column + rank
+        for member in members:
+            member.shared_input, member.shared_output = self, None
+
+    @staticmethod
+    def groupable(members, dtype):
+        """Whether these linears can share a matmul: one adapter with step inputs, no bias, the step's dtype."""
+        adapters = {tuple(member.lora_A) for member in members} | {tuple(member.half_copies) for member in members}
+        return (
+            len(adapters) == 1 and len(adapters.pop()) == 1
+            and len({member.in_features for member in members}) == 1
+            and all(member.base_layer.bias is None and member.base_layer.weight.dtype == dtype for member in members)
+        )
+
+    def __call__(self, member, x):
+        shared_output = member.shared_output
+        member.shared_output = None
+        if shared_output is not None and shared_output[0] is x:
+            return shared_output[1]
+        branches, b_stand_ins = [], []
+        for other in self.members:
+            lora_a, lora_b = other.half_copies[self.adapter]
+            p, scaling = other.lora_dropout[self.adapter].p, other.scaling[self.adapter]
+            branches.append(dropout_down(x, lora_a, other.dropout_seed, p, scaling))
+            b_stand_ins.append(lora_b)
+        outputs = _SharedInputLinear.apply(torch.cat([x, *branches], dim=-1), self.weight, *b_stand_ins)
+        for other, output in zip(self.members, outputs):
+            other.shared_output = (x, output)
+        member.shared_output = None
+        return outputs[self.members.index(member)]
+
+
+class _SharedInputLinear(torch.autograd.Function):
+    """[x | h_1 | ... | h_n] times SharedInput's matrix, each member's output apart; the gradients of the inputs, and
+    of each B through its stand-in.
+
+    The outputs are returned apart so that their gradients come back apart: autograd would otherwise join them
+    into one tensor first, which for q, k and v (three layouts, RoPE's among them) took torch.compile's kernel
+    ten times as long as the matmuls it feeds (bench/README.md). The stand-ins (StepInputs' copies of the B's)
+    carry no values here, the matrix holds the same ones: they are what the step's gradients for the B's are
+    taken with respect to, so that the matrix itself needs none.
+    """
+
+    @staticmethod
+    def forward(ctx, inputs, weight, *b_stand_ins):
+        ctx.save_for_backward(inputs, weight)
+        ctx.widths, ctx.ranks = [b.shape[0] for b in b_stand_ins], [b.shape[1] for b in b_stand_ins]
+        return (inputs @ weight.t()).split(ctx.widths, dim=-1)
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        inputs, weight = ctx.saved_tensors
+        input_rows = inputs.flatten(0, -2)
+        grad_inputs, grad_bs = 0, []
+        first_row, first_column = 0, weight.shape[1] - sum(ctx.ranks)
+        for grad_output, width, rank in zip(grad_outputs, ctx.widths, ctx.ranks):
+            grad_inputs = grad_inputs + grad_output @ weight[first_row : first_row + width]
+            h = input_rows[:, first_column : first_column + rank]
+            grad_bs.append(grad_output.flatten(0, -2).t() @ h)
+            first_row, first_column = first_row + width, first_column + rank
+        return grad_inputs, None, *grad_bs
 
 
 def use_dropout_kernel(model):
@@ -242,7 +340,7 @@ class StepInputs:
     And their dropout seeds, drawn in one kernel instead of one each.
     """
 
-    def __init__(self, model, dtype):
+    def __init__(self, model, dtype, share_inputs=True):
         routed = [module for module in model.modules() if getattr(module.forward, "__func__", None) is lora_forward]
         self.weights, self.copies = [], []
         self.seeds = torch.zeros(len(routed), dtype=torch.int64, device=next(model.parameters()).device)
@@ -254,6 +352,15 @@ class StepInputs:
                 for adapter in module.lora_A
                 if module.lora_B[adapter].bias is None
             }
+        # The B's that shared-input matmuls hold, and the weights they are copied from.
+        self.b_blocks, self.b_weights = [], []
+        for parent in model.modules() if share_inputs else ():
+            for names in SHARED_INPUT_NAMES:
+                members = [getattr(parent, name, None) for name in names]
+                if all(member in routed for member in members) and SharedInput.groupable(members, dtype):
+                    group = SharedInput(members, next(iter(members[0].lora_A)), dtype)
+                    self.b_blocks += group.b_blocks
+                    self.b_weights += [member.lora_B[group.adapter].weight for member in members]
 
     def copy(self, weight, dtype):
         copy = weight.detach().to(dtype, copy=True).requires_grad_(weight.requires_grad)
@@ -265,6 +372,8 @@ class StepInputs:
     def refresh(self):
         """Copy the weights' current values (after an optimizer step, or a checkpoint's) and draw new seeds."""
         torch._foreach_copy_(self.copies, self.weights)
+        if self.b_blocks:  # views into the shared-input matrices: a copy each
+            torch._foreach_copy_(self.b_blocks, self.b_weights)
         self.seeds.random_(2**31 - 1)
 
     def computed_from(self, parameters):
