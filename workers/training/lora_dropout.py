@@ -16,6 +16,8 @@ QLoRA's quantized linears, whose step recomputes each layer (gradient checkpoint
 run on a GPU with it.
 """
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
@@ -270,7 +272,7 @@ class SharedInput:
             p, scaling = other.lora_dropout[self.adapter].p, other.scaling[self.adapter]
             branches.append(dropout_down(x, lora_a, other.dropout_seed, p, scaling))
             b_stand_ins.append(lora_b)
-        outputs = _SharedInputLinear.apply(torch.cat([x, *branches], dim=-1), self.weight, *b_stand_ins)
+        outputs = _SharedInputLinear.apply(x, self.weight, len(branches), *branches, *b_stand_ins)
         for other, output in zip(self.members, outputs):
             other.shared_output = (x, output)
         member.shared_output = None
@@ -278,8 +280,8 @@ class SharedInput:
 
 
 class _SharedInputLinear(torch.autograd.Function):
-    """[x | h_1 | ... | h_n] times SharedInput's matrix, each member's output apart; the gradients of the inputs, and
-    of each B through its stand-in.
+    """[x | h_1 | ... | h_n] times SharedInput's matrix, each member's output apart; the gradients of x and the h's,
+    and of each B through its stand-in.
 
     The outputs are returned apart so that their gradients come back apart: autograd would otherwise join them
     into one tensor first, which for q, k and v (three layouts, RoPE's among them) took torch.compile's kernel
@@ -289,23 +291,25 @@ class _SharedInputLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, inputs, weight, *b_stand_ins):
-        ctx.save_for_backward(inputs, weight)
+    def forward(ctx, x, weight, count, *branches_and_b_stand_ins):
+        branches, b_stand_ins = branches_and_b_stand_ins[:count], branches_and_b_stand_ins[count:]
+        # Only the h's are kept for the backward (B's gradients), not [x | h...]: x is kept by the dropout kernel already.
+        ctx.save_for_backward(weight, *branches)
         ctx.widths, ctx.ranks = [b.shape[0] for b in b_stand_ins], [b.shape[1] for b in b_stand_ins]
-        return (inputs @ weight.t()).split(ctx.widths, dim=-1)
+        return (torch.cat([x, *branches], dim=-1) @ weight.t()).split(ctx.widths, dim=-1)
 
     @staticmethod
     def backward(ctx, *grad_outputs):
-        inputs, weight = ctx.saved_tensors
-        input_rows = inputs.flatten(0, -2)
-        grad_inputs, grad_bs = 0, []
-        first_row, first_column = 0, weight.shape[1] - sum(ctx.ranks)
-        for grad_output, width, rank in zip(grad_outputs, ctx.widths, ctx.ranks):
-            grad_inputs = grad_inputs + grad_output @ weight[first_row : first_row + width]
-            h = input_rows[:, first_column : first_column + rank]
-            grad_bs.append(grad_output.flatten(0, -2).t() @ h)
-            first_row, first_column = first_row + width, first_column + rank
-        return grad_inputs, None, *grad_bs
+        weight, *branches = ctx.saved_tensors
+        grad_inputs = sum(
+            grad_output @ weight[first_row : first_row + width]
+            for grad_output, first_row, width in zip(grad_outputs, itertools.accumulate([0, *ctx.widths]), ctx.widths)
+        )
+        grad_x, *grad_branches = grad_inputs.split([weight.shape[1] - sum(ctx.ranks), *ctx.ranks], dim=-1)
+        grad_bs = [
+            grad_output.flatten(0, -2).t() @ branch.flatten(0, -2) for grad_output, branch in zip(grad_outputs, branches)
+        ]
+        return grad_x, None, None, *grad_branches, *grad_bs
 
 
 def use_dropout_kernel(model):
