@@ -225,9 +225,10 @@ class SharedInput:
     peft adds each branch's B product to its base's output: a rank-16 matmul as wide as the output, whose
     result is written and read back, and whose backward reads the output's gradient once more for h's.
     Here the bases' weights and the B's are one matrix, [[W_q, B_q, 0, 0], [W_k, 0, B_k, 0], [W_v, 0, 0, B_v]]:
-    [x | h_q | h_k | h_v] times it gives every output with its branch added, and the backward's one matmul
-    gives x's gradient (the bases' share) and the h's. The bases' weights become views of the matrix, so it
-    takes no more memory; StepInputs copies the B's into it at the start of each step.
+    [x | h_q | h_k | h_v] times it gives every output with its branch added, and in the backward each output's
+    gradient times its rows of the matrix gives x's gradient (the bases' share) and the h's together. The bases'
+    weights become views of the matrix, so it takes no more memory; StepInputs copies the B's into it at the
+    start of each step.
 
     The first member called computes all the outputs and leaves the others theirs, which they take if their
     x is that x.
@@ -236,13 +237,13 @@ class SharedInput:
     def __init__(self, members, adapter, dtype):
         self.members, self.adapter = members, adapter
         bases = [member.base_layer.weight for member in members]
-        self.ranks = [member.lora_A[adapter].weight.shape[0] for member in members]
+        ranks = [member.lora_A[adapter].weight.shape[0] for member in members]
         in_features = members[0].in_features
         self.weight = torch.zeros(
-            sum(base.shape[0] for base in bases), in_features + sum(self.ranks), dtype=dtype, device=bases[0].device
+            sum(base.shape[0] for base in bases), in_features + sum(ranks), dtype=dtype, device=bases[0].device
         )
         self.b_blocks, first_row, first_column = [], 0, in_features
-        for base, rank in zip(bases, self.ranks):
+        for base, rank in zip(bases, ranks):
             rows = slice(first_row, first_row + base.shape[0])
             self.weight[rows, :in_features] = base.detach()
             base.data = self.weight[rows, :in_features]
@@ -274,8 +275,8 @@ class SharedInput:
             b_stand_ins.append(lora_b)
         outputs = _SharedInputLinear.apply(x, self.weight, len(branches), *branches, *b_stand_ins)
         for other, output in zip(self.members, outputs):
-            other.shared_output = (x, output)
-        member.shared_output = None
+            if other is not member:
+                other.shared_output = (x, output)
         return outputs[self.members.index(member)]
 
 
@@ -284,8 +285,8 @@ class _SharedInputLinear(torch.autograd.Function):
     and of each B through its stand-in.
 
     The outputs are returned apart so that their gradients come back apart: autograd would otherwise join them
-    into one tensor first, which for q, k and v (three layouts, RoPE's among them) took torch.compile's kernel
-    ten times as long as the matmuls it feeds (bench/README.md). The stand-ins (StepInputs' copies of the B's)
+    into one tensor first, and for q, k and v (three layouts, RoPE's backward among them) torch.compile's kernel
+    for that took 4 ms a step (bench/README.md, tenth pass). The stand-ins (StepInputs' copies of the B's)
     carry no values here, the matrix holds the same ones: they are what the step's gradients for the B's are
     taken with respect to, so that the matrix itself needs none.
     """

@@ -9,8 +9,8 @@ with Liger Kernel installed, a fused linear + cross-entropy loss that never hold
 vocabulary's logits. Each is a default where it pays (compiling only for a job long enough to
 repay its minute); an admin can turn one off on a worker if a model trips it
 (`TUNEDECK_COMPILE=0`, `TUNEDECK_CUDA_GRAPHS=0`, `TUNEDECK_ATTENTION=flex` or `sdpa`,
-`TUNEDECK_LIGER=0`, `TUNEDECK_LORA_KERNEL=0`, `TUNEDECK_SHARED_INPUTS=0`). None of them applies on a CPU, where the same
-loop runs in float32, eager.
+`TUNEDECK_LIGER=0`, `TUNEDECK_LORA_KERNEL=0`, `TUNEDECK_SHARED_INPUTS=0`). None of them applies
+on a CPU, where the same loop runs in float32, eager.
 """
 
 import inspect
@@ -190,7 +190,7 @@ def step_inputs(model, lora_dropout_kernel):
         return None
     from workers.training import lora_dropout
 
-    # TUNEDECK_SHARED_INPUTS=0: each linear its own matmul and peft's B product (for measuring, bench/README.md).
+    # TUNEDECK_SHARED_INPUTS=0: each linear its own matmul and B product (lora_dropout.SharedInput), as before.
     return lora_dropout.StepInputs(model, torch.bfloat16, share_inputs=not turned_off("TUNEDECK_SHARED_INPUTS"))
 
 
