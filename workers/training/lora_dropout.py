@@ -112,7 +112,7 @@ def _rank_block(rank):
 
 @triton_op("tunedeck::lora_dropout_down", mutates_args=())
 def dropout_down(
-    x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: float, scaling: float = 1.0
+    x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: float, scaling: float
 ) -> torch.Tensor:
     """dropout(x, p) @ lora_a.T * scaling, the mask drawn from `seed` (a one-element int64 tensor on x's device)."""
     rows = x.reshape(-1, x.shape[-1])
@@ -204,15 +204,13 @@ def lora_forward(module, x, *args, **kwargs):
     seed = getattr(module, "dropout_seed", None)
     if seed is None:
         seed = torch.randint(2**31 - 1, (1,), device=x.device)
-    copies = getattr(module, "half_copies", {}).get(adapter)
+    # StepInputs' copies of A and B where it made them; else A cast here, and peft's lora_B (which may hold a bias).
+    lora_a, lora_b = getattr(module, "half_copies", {}).get(adapter) or (module.lora_A[adapter].weight.to(half), None)
     # Scaled here, h (rank wide) rather than B's product (as wide as the output): a scaled product's gradient
     # would be a copy of the output's gradient, written and read back for each linear.
-    if copies is None:
-        h = dropout_down(x.to(half), module.lora_A[adapter].weight.to(half), seed, dropout.p, module.scaling[adapter])
-        return (result + module.lora_B[adapter](h)).to(result.dtype)
-    lora_a, lora_b = copies
     h = dropout_down(x.to(half), lora_a, seed, dropout.p, module.scaling[adapter])
-    return (result + torch.nn.functional.linear(h, lora_b)).to(result.dtype)
+    up = module.lora_B[adapter](h) if lora_b is None else torch.nn.functional.linear(h, lora_b)
+    return (result + up).to(result.dtype)
 
 
 # Linears that read the same input, by the names Llama-like models give them.
