@@ -40,25 +40,27 @@ def sweep(columns):
     for rows, block_columns, per_program, warps, stages in itertools.product([16, 32], [128, 256], [256, 512, 1024, 2048], [4, 8], [2, 3, 4]):
         if per_program < block_columns:
             continue
-        h_parts = torch.empty((triton.cdiv(columns, per_program), ROWS, RANK), device="cuda", dtype=torch.float32)
+        h_parts = torch.empty((1, triton.cdiv(columns, per_program), ROWS, RANK), device="cuda", dtype=torch.float32)
 
         def run():
-            lora_dropout._forward_kernel[(triton.cdiv(ROWS, rows), h_parts.shape[0])](
-                x, a, h_parts, seed, ROWS, columns, x.stride(0), drop_below, keep_scale, RANK=RANK, RANK_BLOCK=16,
-                BLOCK_ROWS=rows, BLOCK_COLUMNS=block_columns, COLUMNS_PER_PROGRAM=per_program, num_warps=warps, num_stages=stages)
-            return h_parts.sum(0).to(torch.bfloat16)
+            lora_dropout._forward_kernel[(triton.cdiv(ROWS, rows), h_parts.shape[1])](
+                x, x, a, a, a, seed, seed, seed, h_parts, ROWS, columns, x.stride(0), 0, drop_below, keep_scale,
+                BRANCHES=1, JOIN=False, RANK=RANK, RANK_BLOCK=16, BLOCK_ROWS=rows, BLOCK_COLUMNS=block_columns,
+                COLUMNS_PER_PROGRAM=per_program, num_warps=warps, num_stages=stages)
+            return h_parts[0].sum(0).to(torch.bfloat16)
         forward.append((1000 * do_bench(run), rows, block_columns, per_program, warps, stages))
     backward = []
     for rows, block_columns, blocks, warps, stages in itertools.product([32, 64, 128], [64, 128], [1, 2, 4], [4, 8], [2, 3]):
         parts = triton.cdiv(ROWS, rows * blocks)
-        grad_x, grad_a_parts = torch.empty_like(x), torch.empty((parts, RANK, columns), device="cuda", dtype=torch.float32)
+        grad_x, grad_a_parts = torch.empty_like(x), torch.empty((1, parts, RANK, columns), device="cuda", dtype=torch.float32)
 
         def run():
             lora_dropout._backward_kernel[(triton.cdiv(columns, block_columns), parts)](
-                x, a, grad_h, grad_x, grad_a_parts, seed, ROWS, columns, x.stride(0), drop_below, keep_scale, RANK=RANK,
-                RANK_BLOCK=16, BLOCK_ROWS=rows, BLOCK_COLUMNS=block_columns, BLOCKS_PER_PROGRAM=blocks,
-                num_warps=warps, num_stages=stages)
-            return grad_a_parts.sum(0)
+                x, a, a, a, seed, seed, seed, grad_h, grad_h, grad_h, grad_h.stride(0), grad_h, grad_h, grad_h,
+                grad_h.stride(0), grad_x, grad_a_parts, ROWS, columns, x.stride(0), drop_below, keep_scale,
+                BRANCHES=1, ADD_BASES=False, RANK=RANK, RANK_BLOCK=16, BLOCK_ROWS=rows, BLOCK_COLUMNS=block_columns,
+                BLOCKS_PER_PROGRAM=blocks, num_warps=warps, num_stages=stages)
+            return grad_a_parts[0].sum(0)
         backward.append((1000 * do_bench(run), rows, block_columns, blocks, warps, stages))
     forward.sort()
     backward.sort()

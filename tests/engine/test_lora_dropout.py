@@ -49,6 +49,8 @@ def against_reference(device, dtype):
         "kept share": kept.float().mean().item(),
         "same seed, same mask": bool((lora_dropout.mask(seed, rows, columns, p) == kept).all()),
         "another seed's mask differs at": (lora_dropout.mask(seed + 1, rows, columns, p) != kept).float().mean().item(),
+        "kept with the next column": (kept[:, 1:] & kept[:, :-1]).float().mean().item(),
+        "kept with the next row": (kept[1:] & kept[:-1]).float().mean().item(),
         "h": largest_relative_difference(h[0], h_expected),
         "x's gradient": largest_relative_difference(x.grad, x_float.grad),
         "A's gradient": largest_relative_difference(a.grad, a_float.grad),
@@ -61,6 +63,9 @@ def check(found, tolerance):
     assert found["same seed, same mask"], found
     # Two independent masks disagree where one keeps and the other drops: 2p(1-p) of the entries.
     assert found["another seed's mask differs at"] == pytest.approx(2 * p * (1 - p), abs=0.02), found
+    # Neighbours (eight columns share one Philox draw) are kept independently of each other.
+    assert found["kept with the next column"] == pytest.approx((1 - p) ** 2, abs=0.015), found
+    assert found["kept with the next row"] == pytest.approx((1 - p) ** 2, abs=0.015), found
     for name in ("h", "x's gradient", "A's gradient"):
         assert found[name] < tolerance, (name, found)
 

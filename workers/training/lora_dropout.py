@@ -26,6 +26,11 @@ from torch.library import triton_op, wrap_triton
 
 # One Philox call draws four 32-bit numbers, eight 16-bit ones: eight neighbouring inputs' masks.
 MASKS_PER_DRAW = 8
+# Rounds of Philox4x32 per draw. Its authors found it passing TestU01's BigCrush from 7 rounds and chose 10,
+# Triton's default, as a margin (Salmon et al., SC'11, "Parallel random numbers: as easy as 1, 2, 3"). A dropout
+# mask needs no more than BigCrush's independence; the draws were a fifth of the kernels' time, and 7 rounds
+# made the step 1% faster (bench/README.md, eleventh pass).
+PHILOX_ROUNDS = tl.constexpr(7)
 DROP_RESOLUTION = 1 << 16
 # Launch settings, the fastest of a sweep on an H100 at one step's 2,640 rows, 2,048 and 8,192 wide
 # (bench/README.md). The forward splits the width over programs as well as the rows, so that a
@@ -38,6 +43,9 @@ BACKWARD_ROWS_PER_BLOCK = 64
 BACKWARD_COLUMNS_PER_BLOCK = 64
 BACKWARD_BLOCKS_PER_PROGRAM = 2  # row blocks one backward program walks, summing its share of A's gradient
 BACKWARD_WARPS, BACKWARD_STAGES = 4, 2
+# Branches one kernel call computes, reading their x once: q, k and v at most.
+MAX_BRANCHES = 3
+JOIN_ROWS_PER_BLOCK = 64
 
 
 @triton.jit
@@ -45,7 +53,7 @@ def _kept(seed, rows, first_column, columns, drop_below, BLOCK_ROWS: tl.constexp
     """Which of a block's inputs dropout keeps: a function of (seed, row, column) alone, whatever the blocks."""
     groups = first_column // 8 + tl.arange(0, BLOCK_COLUMNS // 8)
     offsets = rows[:, None] * (columns // 8) + groups[None, :]
-    r0, r1, r2, r3 = tl.randint4x(seed, offsets)
+    r0, r1, r2, r3 = tl.randint4x(seed, offsets, PHILOX_ROUNDS)
     low = tl.join(tl.join(r0 & 0xFFFF, r0 >> 16), tl.join(r1 & 0xFFFF, r1 >> 16))
     high = tl.join(tl.join(r2 & 0xFFFF, r2 >> 16), tl.join(r3 & 0xFFFF, r3 >> 16))
     draws = tl.reshape(tl.join(low, high), (BLOCK_ROWS, BLOCK_COLUMNS))
@@ -53,53 +61,147 @@ def _kept(seed, rows, first_column, columns, drop_below, BLOCK_ROWS: tl.constexp
 
 
 @triton.jit
-def _forward_kernel(
-    x_ptr, a_ptr, h_parts_ptr, seed_ptr, rows_count, columns, x_row_stride, drop_below, keep_scale,
-    RANK: tl.constexpr, RANK_BLOCK: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLUMNS: tl.constexpr,
-    COLUMNS_PER_PROGRAM: tl.constexpr,
-):
-    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    part = tl.program_id(1)
+def _branch_down(x, a_ptr, seed, rows, first_column, columns, drop_below, RANK: tl.constexpr, RANK_BLOCK: tl.constexpr,
+                 BLOCK_ROWS: tl.constexpr, BLOCK_COLUMNS: tl.constexpr):
+    """One branch's share of h from a block of x: the block dropped with the branch's mask, times A's rows for it."""
+    cols = first_column + tl.arange(0, BLOCK_COLUMNS)
     ranks = tl.arange(0, RANK_BLOCK)
-    seed = tl.load(seed_ptr)
-    h = tl.zeros((BLOCK_ROWS, RANK_BLOCK), dtype=tl.float32)
-    for first_column in range(part * COLUMNS_PER_PROGRAM, (part + 1) * COLUMNS_PER_PROGRAM, BLOCK_COLUMNS):
-        cols = first_column + tl.arange(0, BLOCK_COLUMNS)
-        inside = (rows[:, None] < rows_count) & (cols[None, :] < columns)
-        x = tl.load(x_ptr + rows[:, None] * x_row_stride + cols[None, :], mask=inside, other=0.0)
-        kept = _kept(seed, rows, first_column, columns, drop_below, BLOCK_ROWS, BLOCK_COLUMNS)
-        x = tl.where(kept, x, tl.zeros_like(x))
-        a = tl.load(a_ptr + ranks[None, :] * columns + cols[:, None], mask=(ranks[None, :] < RANK) & (cols[:, None] < columns), other=0.0)
-        h += tl.dot(x, a)
-    tl.store(h_parts_ptr + part * rows_count * RANK + rows[:, None] * RANK + ranks[None, :], h * keep_scale,
+    kept = _kept(seed, rows, first_column, columns, drop_below, BLOCK_ROWS, BLOCK_COLUMNS)
+    a = tl.load(a_ptr + ranks[None, :] * columns + cols[:, None], mask=(ranks[None, :] < RANK) & (cols[:, None] < columns), other=0.0)
+    return tl.dot(tl.where(kept, x, tl.zeros_like(x)), a)
+
+
+@triton.jit
+def _store_h_part(h_parts_ptr, h, branch, part, parts, rows, rows_count, RANK: tl.constexpr, RANK_BLOCK: tl.constexpr):
+    ranks = tl.arange(0, RANK_BLOCK)
+    first = (branch * parts + part) * rows_count * RANK
+    tl.store(h_parts_ptr + first + rows[:, None] * RANK + ranks[None, :], h,
              mask=(rows[:, None] < rows_count) & (ranks[None, :] < RANK))
 
 
 @triton.jit
-def _backward_kernel(
-    x_ptr, a_ptr, grad_h_ptr, grad_x_ptr, grad_a_parts_ptr, seed_ptr, rows_count, columns, x_row_stride,
-    drop_below, keep_scale,
-    RANK: tl.constexpr, RANK_BLOCK: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLUMNS: tl.constexpr,
-    BLOCKS_PER_PROGRAM: tl.constexpr,
+def _forward_kernel(
+    x_ptr, joined_ptr, a0_ptr, a1_ptr, a2_ptr, seed0_ptr, seed1_ptr, seed2_ptr, h_parts_ptr,
+    rows_count, columns, x_row_stride, joined_row_stride, drop_below, keep_scale,
+    BRANCHES: tl.constexpr, JOIN: tl.constexpr, RANK: tl.constexpr, RANK_BLOCK: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_COLUMNS: tl.constexpr, COLUMNS_PER_PROGRAM: tl.constexpr,
 ):
-    cols = tl.program_id(0) * BLOCK_COLUMNS + tl.arange(0, BLOCK_COLUMNS)
-    part = tl.program_id(1)
+    """h's parts for up to three branches that read the same x, each with a mask of its own; with JOIN, x copied too."""
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    part, parts = tl.program_id(1), tl.num_programs(1)
+    seed0, seed1, seed2 = tl.load(seed0_ptr), tl.load(seed1_ptr), tl.load(seed2_ptr)
+    h0 = tl.zeros((BLOCK_ROWS, RANK_BLOCK), dtype=tl.float32)
+    h1 = tl.zeros((BLOCK_ROWS, RANK_BLOCK), dtype=tl.float32)
+    h2 = tl.zeros((BLOCK_ROWS, RANK_BLOCK), dtype=tl.float32)
+    for first_column in range(part * COLUMNS_PER_PROGRAM, (part + 1) * COLUMNS_PER_PROGRAM, BLOCK_COLUMNS):
+        cols = first_column + tl.arange(0, BLOCK_COLUMNS)
+        inside = (rows[:, None] < rows_count) & (cols[None, :] < columns)
+        x = tl.load(x_ptr + rows[:, None] * x_row_stride + cols[None, :], mask=inside, other=0.0)
+        if JOIN:
+            tl.store(joined_ptr + rows[:, None] * joined_row_stride + cols[None, :], x, mask=inside)
+        h0 += _branch_down(x, a0_ptr, seed0, rows, first_column, columns, drop_below, RANK, RANK_BLOCK, BLOCK_ROWS, BLOCK_COLUMNS)
+        if BRANCHES > 1:
+            h1 += _branch_down(x, a1_ptr, seed1, rows, first_column, columns, drop_below, RANK, RANK_BLOCK, BLOCK_ROWS, BLOCK_COLUMNS)
+        if BRANCHES > 2:
+            h2 += _branch_down(x, a2_ptr, seed2, rows, first_column, columns, drop_below, RANK, RANK_BLOCK, BLOCK_ROWS, BLOCK_COLUMNS)
+    _store_h_part(h_parts_ptr, h0 * keep_scale, 0, part, parts, rows, rows_count, RANK, RANK_BLOCK)
+    if BRANCHES > 1:
+        _store_h_part(h_parts_ptr, h1 * keep_scale, 1, part, parts, rows, rows_count, RANK, RANK_BLOCK)
+    if BRANCHES > 2:
+        _store_h_part(h_parts_ptr, h2 * keep_scale, 2, part, parts, rows, rows_count, RANK, RANK_BLOCK)
+
+
+@triton.jit
+def _join_kernel(h_parts_ptr, h_ptr, joined_ptr, rows_count, joined_row_stride, first_column,
+                 PARTS: tl.constexpr, RANK: tl.constexpr, RANK_BLOCK: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+    """A branch's h from its parts, written both alone and into its columns of the joined rows."""
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    branch = tl.program_id(1)
     ranks = tl.arange(0, RANK_BLOCK)
-    seed = tl.load(seed_ptr)
-    a = tl.load(a_ptr + ranks[:, None] * columns + cols[None, :], mask=(ranks[:, None] < RANK) & (cols[None, :] < columns), other=0.0)
-    grad_a = tl.zeros((RANK_BLOCK, BLOCK_COLUMNS), dtype=tl.float32)
+    inside = (rows[:, None] < rows_count) & (ranks[None, :] < RANK)
+    h = tl.zeros((BLOCK_ROWS, RANK_BLOCK), dtype=tl.float32)
+    for part in tl.static_range(PARTS):
+        h += tl.load(h_parts_ptr + (branch * PARTS + part) * rows_count * RANK + rows[:, None] * RANK + ranks[None, :], mask=inside)
+    h = h.to(h_ptr.dtype.element_ty)
+    tl.store(h_ptr + branch * rows_count * RANK + rows[:, None] * RANK + ranks[None, :], h, mask=inside)
+    tl.store(joined_ptr + rows[:, None] * joined_row_stride + first_column + branch * RANK + ranks[None, :], h, mask=inside)
+
+
+@triton.jit
+def _branch_up(x, a, seed, grad_h_ptr, grad_h_row_stride, rows, first_column, rows_count, columns, drop_below,
+               RANK: tl.constexpr, RANK_BLOCK: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLUMNS: tl.constexpr):
+    """One branch's share of x's gradient for a block (unscaled) and of A's gradient."""
+    ranks = tl.arange(0, RANK_BLOCK)
+    kept = _kept(seed, rows, first_column, columns, drop_below, BLOCK_ROWS, BLOCK_COLUMNS)
+    grad_h = tl.load(grad_h_ptr + rows[:, None] * grad_h_row_stride + ranks[None, :],
+                     mask=(rows[:, None] < rows_count) & (ranks[None, :] < RANK), other=0.0)
+    grad_a = tl.dot(tl.trans(grad_h), tl.where(kept, x, tl.zeros_like(x)))
+    return tl.where(kept, tl.dot(grad_h, a), 0.0), grad_a
+
+
+@triton.jit
+def _load_a(a_ptr, cols, columns, RANK: tl.constexpr, RANK_BLOCK: tl.constexpr):
+    ranks = tl.arange(0, RANK_BLOCK)
+    return tl.load(a_ptr + ranks[:, None] * columns + cols[None, :], mask=(ranks[:, None] < RANK) & (cols[None, :] < columns), other=0.0)
+
+
+@triton.jit
+def _store_grad_a_part(grad_a_parts_ptr, grad_a, branch, part, parts, cols, columns, RANK: tl.constexpr, RANK_BLOCK: tl.constexpr):
+    ranks = tl.arange(0, RANK_BLOCK)
+    first = (branch * parts + part) * RANK * columns
+    tl.store(grad_a_parts_ptr + first + ranks[:, None] * columns + cols[None, :], grad_a,
+             mask=(ranks[:, None] < RANK) & (cols[None, :] < columns))
+
+
+@triton.jit
+def _backward_kernel(
+    x_ptr, a0_ptr, a1_ptr, a2_ptr, seed0_ptr, seed1_ptr, seed2_ptr, grad_h0_ptr, grad_h1_ptr, grad_h2_ptr,
+    grad_h_row_stride, base0_ptr, base1_ptr, base2_ptr, base_row_stride, grad_x_ptr, grad_a_parts_ptr,
+    rows_count, columns, x_row_stride, drop_below, keep_scale,
+    BRANCHES: tl.constexpr, ADD_BASES: tl.constexpr, RANK: tl.constexpr, RANK_BLOCK: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_COLUMNS: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr,
+):
+    """x's gradient through up to three branches, with ADD_BASES each branch's base share added; A's gradients' parts."""
+    first_column = tl.program_id(0) * BLOCK_COLUMNS
+    cols = first_column + tl.arange(0, BLOCK_COLUMNS)
+    part, parts = tl.program_id(1), tl.num_programs(1)
+    seed0, seed1, seed2 = tl.load(seed0_ptr), tl.load(seed1_ptr), tl.load(seed2_ptr)
+    a0 = _load_a(a0_ptr, cols, columns, RANK, RANK_BLOCK)
+    a1 = _load_a(a1_ptr, cols, columns, RANK, RANK_BLOCK) if BRANCHES > 1 else a0
+    a2 = _load_a(a2_ptr, cols, columns, RANK, RANK_BLOCK) if BRANCHES > 2 else a0
+    grad_a0 = tl.zeros((RANK_BLOCK, BLOCK_COLUMNS), dtype=tl.float32)
+    grad_a1 = tl.zeros((RANK_BLOCK, BLOCK_COLUMNS), dtype=tl.float32)
+    grad_a2 = tl.zeros((RANK_BLOCK, BLOCK_COLUMNS), dtype=tl.float32)
     for block in range(BLOCKS_PER_PROGRAM):
         rows = (part * BLOCKS_PER_PROGRAM + block) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         inside = (rows[:, None] < rows_count) & (cols[None, :] < columns)
-        kept = _kept(seed, rows, tl.program_id(0) * BLOCK_COLUMNS, columns, drop_below, BLOCK_ROWS, BLOCK_COLUMNS)
-        grad_h = tl.load(grad_h_ptr + rows[:, None] * RANK + ranks[None, :], mask=(rows[:, None] < rows_count) & (ranks[None, :] < RANK), other=0.0)
         x = tl.load(x_ptr + rows[:, None] * x_row_stride + cols[None, :], mask=inside, other=0.0)
-        x = tl.where(kept, x, tl.zeros_like(x))
-        grad_a += tl.dot(tl.trans(grad_h), x)
-        grad_x = tl.where(kept, tl.dot(grad_h, a) * keep_scale, 0.0)
+        through_branches, grad_a = _branch_up(x, a0, seed0, grad_h0_ptr, grad_h_row_stride, rows, first_column, rows_count,
+                                              columns, drop_below, RANK, RANK_BLOCK, BLOCK_ROWS, BLOCK_COLUMNS)
+        grad_a0 += grad_a
+        if BRANCHES > 1:
+            through, grad_a = _branch_up(x, a1, seed1, grad_h1_ptr, grad_h_row_stride, rows, first_column, rows_count,
+                                         columns, drop_below, RANK, RANK_BLOCK, BLOCK_ROWS, BLOCK_COLUMNS)
+            through_branches += through
+            grad_a1 += grad_a
+        if BRANCHES > 2:
+            through, grad_a = _branch_up(x, a2, seed2, grad_h2_ptr, grad_h_row_stride, rows, first_column, rows_count,
+                                         columns, drop_below, RANK, RANK_BLOCK, BLOCK_ROWS, BLOCK_COLUMNS)
+            through_branches += through
+            grad_a2 += grad_a
+        grad_x = through_branches * keep_scale
+        if ADD_BASES:  # added in the kernel's precision (float32 for bf16), as the branches' shares are
+            grad_x += tl.load(base0_ptr + rows[:, None] * base_row_stride + cols[None, :], mask=inside, other=0.0)
+            if BRANCHES > 1:
+                grad_x += tl.load(base1_ptr + rows[:, None] * base_row_stride + cols[None, :], mask=inside, other=0.0)
+            if BRANCHES > 2:
+                grad_x += tl.load(base2_ptr + rows[:, None] * base_row_stride + cols[None, :], mask=inside, other=0.0)
         tl.store(grad_x_ptr + rows[:, None] * columns + cols[None, :], grad_x.to(grad_x_ptr.dtype.element_ty), mask=inside)
-    tl.store(grad_a_parts_ptr + part * RANK * columns + ranks[:, None] * columns + cols[None, :], grad_a * keep_scale,
-             mask=(ranks[:, None] < RANK) & (cols[None, :] < columns))
+    _store_grad_a_part(grad_a_parts_ptr, grad_a0 * keep_scale, 0, part, parts, cols, columns, RANK, RANK_BLOCK)
+    if BRANCHES > 1:
+        _store_grad_a_part(grad_a_parts_ptr, grad_a1 * keep_scale, 1, part, parts, cols, columns, RANK, RANK_BLOCK)
+    if BRANCHES > 2:
+        _store_grad_a_part(grad_a_parts_ptr, grad_a2 * keep_scale, 2, part, parts, cols, columns, RANK, RANK_BLOCK)
 
 
 def _drop_below(p):
@@ -110,44 +212,62 @@ def _rank_block(rank):
     return max(16, triton.next_power_of_2(rank))  # tl.dot's smallest side
 
 
+def _three(tensors):
+    """Up to three branches' tensors as the kernels' three arguments; the first stands in for those not there."""
+    assert 1 <= len(tensors) <= MAX_BRANCHES
+    return [*tensors, *[tensors[0]] * (MAX_BRANCHES - len(tensors))]
+
+
+def _down_parts(rows, lora_as, seeds, p, scaling, joined=None):
+    """Each branch's h, in float32 parts to be summed: [branches, parts, rows, rank]. Into `joined`, x's copy if given."""
+    rank, columns = lora_as[0].shape
+    # Each program sums over its share of the width; the shares are added after, in a fixed order (no atomics).
+    parts = triton.cdiv(columns, COLUMNS_PER_PROGRAM)
+    h_parts = torch.empty((len(lora_as), parts, rows.shape[0], rank), dtype=torch.float32, device=rows.device)
+    wrap_triton(_forward_kernel)[(triton.cdiv(rows.shape[0], ROWS_PER_BLOCK), parts)](
+        rows, rows if joined is None else joined, *_three(lora_as), *_three(seeds), h_parts, rows.shape[0], columns,
+        rows.stride(0), 0 if joined is None else joined.stride(0), _drop_below(p), scaling / (1 - p),
+        BRANCHES=len(lora_as), JOIN=joined is not None, RANK=rank, RANK_BLOCK=_rank_block(rank),
+        BLOCK_ROWS=ROWS_PER_BLOCK, BLOCK_COLUMNS=COLUMNS_PER_BLOCK, COLUMNS_PER_PROGRAM=COLUMNS_PER_PROGRAM,
+        num_warps=FORWARD_WARPS, num_stages=FORWARD_STAGES,
+    )
+    return h_parts
+
+
+def _up(rows, lora_as, seeds, grad_hs, p, scaling, bases=None):
+    """x's gradient (plus the bases' shares, if given) and each A's, from each branch's h gradient (all one row stride)."""
+    rank, columns = lora_as[0].shape
+    parts = triton.cdiv(rows.shape[0], BACKWARD_ROWS_PER_BLOCK * BACKWARD_BLOCKS_PER_PROGRAM)
+    grad_x = torch.empty((rows.shape[0], columns), dtype=rows.dtype, device=rows.device)
+    # As in the forward, A's gradients are summed in parts, one per program's rows.
+    grad_a_parts = torch.empty((len(lora_as), parts, rank, columns), dtype=torch.float32, device=rows.device)
+    wrap_triton(_backward_kernel)[(triton.cdiv(columns, BACKWARD_COLUMNS_PER_BLOCK), parts)](
+        rows, *_three(lora_as), *_three(seeds), *_three(grad_hs), grad_hs[0].stride(0),
+        *_three(bases or grad_hs), (bases or grad_hs)[0].stride(0), grad_x, grad_a_parts,
+        rows.shape[0], columns, rows.stride(0), _drop_below(p), scaling / (1 - p),
+        BRANCHES=len(lora_as), ADD_BASES=bases is not None, RANK=rank, RANK_BLOCK=_rank_block(rank),
+        BLOCK_ROWS=BACKWARD_ROWS_PER_BLOCK, BLOCK_COLUMNS=BACKWARD_COLUMNS_PER_BLOCK,
+        BLOCKS_PER_PROGRAM=BACKWARD_BLOCKS_PER_PROGRAM, num_warps=BACKWARD_WARPS, num_stages=BACKWARD_STAGES,
+    )
+    return grad_x, [grad_a.to(lora_as[0].dtype) for grad_a in grad_a_parts.sum(1)]
+
+
 @triton_op("tunedeck::lora_dropout_down", mutates_args=())
 def dropout_down(
     x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: float, scaling: float
 ) -> torch.Tensor:
     """dropout(x, p) @ lora_a.T * scaling, the mask drawn from `seed` (a one-element int64 tensor on x's device)."""
-    rows = x.reshape(-1, x.shape[-1])
-    rank, columns = lora_a.shape
-    # Each program sums over its share of the width; the shares are added after, in a fixed order (no atomics).
-    h_parts = torch.empty((triton.cdiv(columns, COLUMNS_PER_PROGRAM), rows.shape[0], rank), dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(rows.shape[0], ROWS_PER_BLOCK), h_parts.shape[0])
-    wrap_triton(_forward_kernel)[grid](
-        rows, lora_a, h_parts, seed, rows.shape[0], columns, rows.stride(0), _drop_below(p), scaling / (1 - p),
-        RANK=rank, RANK_BLOCK=_rank_block(rank), BLOCK_ROWS=ROWS_PER_BLOCK, BLOCK_COLUMNS=COLUMNS_PER_BLOCK,
-        COLUMNS_PER_PROGRAM=COLUMNS_PER_PROGRAM, num_warps=FORWARD_WARPS, num_stages=FORWARD_STAGES,
-    )
-    return h_parts.sum(0).to(x.dtype).view(*x.shape[:-1], rank)
+    h_parts = _down_parts(x.reshape(-1, x.shape[-1]), [lora_a], [seed], p, scaling)
+    return h_parts[0].sum(0).to(x.dtype).view(*x.shape[:-1], lora_a.shape[0])
 
 
 @triton_op("tunedeck::lora_dropout_down_backward", mutates_args=())
 def dropout_down_backward(
     x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, grad_h: torch.Tensor, p: float, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = x.reshape(-1, x.shape[-1])
     grad_h = grad_h.reshape(-1, grad_h.shape[-1]).contiguous()
-    rank, columns = lora_a.shape
-    parts = triton.cdiv(rows.shape[0], BACKWARD_ROWS_PER_BLOCK * BACKWARD_BLOCKS_PER_PROGRAM)
-    grad_x = torch.empty((rows.shape[0], columns), dtype=x.dtype, device=x.device)
-    # As in the forward, A's gradient is summed in parts, one per program's rows.
-    grad_a_parts = torch.empty((parts, rank, columns), dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(columns, BACKWARD_COLUMNS_PER_BLOCK), parts)
-    wrap_triton(_backward_kernel)[grid](
-        rows, lora_a, grad_h, grad_x, grad_a_parts, seed, rows.shape[0], columns, rows.stride(0),
-        _drop_below(p), scaling / (1 - p),
-        RANK=rank, RANK_BLOCK=_rank_block(rank), BLOCK_ROWS=BACKWARD_ROWS_PER_BLOCK,
-        BLOCK_COLUMNS=BACKWARD_COLUMNS_PER_BLOCK, BLOCKS_PER_PROGRAM=BACKWARD_BLOCKS_PER_PROGRAM,
-        num_warps=BACKWARD_WARPS, num_stages=BACKWARD_STAGES,
-    )
-    return grad_x.view(x.shape), grad_a_parts.sum(0).to(lora_a.dtype)
+    grad_x, (grad_a,) = _up(x.reshape(-1, x.shape[-1]), [lora_a], [seed], [grad_h], p, scaling)
+    return grad_x.view(x.shape), grad_a
 
 
 def _setup_context(ctx, inputs, output):
@@ -163,6 +283,46 @@ def _backward(ctx, grad_h):
 
 
 dropout_down.register_autograd(_backward, setup_context=_setup_context)
+
+
+@triton_op("tunedeck::lora_dropout_down_joined", mutates_args=())
+def dropout_down_joined(
+    x: torch.Tensor, lora_as: list[torch.Tensor], seeds: list[torch.Tensor], p: float, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[x | h_1 | ... | h_n] as rows, with h_i = dropout(x) @ lora_as[i].T * scaling under seeds[i]'s mask; and the h's.
+
+    One kernel reads x once for all the branches and writes its copy into the joined rows, where a join
+    after the branches would read it once more.
+    """
+    rows = x.reshape(-1, x.shape[-1])
+    rank = lora_as[0].shape[0]
+    joined = torch.empty((rows.shape[0], rows.shape[1] + len(lora_as) * rank), dtype=x.dtype, device=x.device)
+    h = torch.empty((len(lora_as), rows.shape[0], rank), dtype=x.dtype, device=x.device)
+    h_parts = _down_parts(rows, lora_as, seeds, p, scaling, joined)
+    # A kernel rather than a slice assignment, which torch.compile made a copy of the whole joined rows.
+    wrap_triton(_join_kernel)[(triton.cdiv(rows.shape[0], JOIN_ROWS_PER_BLOCK), len(lora_as))](
+        h_parts, h, joined, rows.shape[0], joined.stride(0), rows.shape[1],
+        PARTS=h_parts.shape[1], RANK=rank, RANK_BLOCK=_rank_block(rank), BLOCK_ROWS=JOIN_ROWS_PER_BLOCK,
+    )
+    return joined, h
+
+
+@triton_op("tunedeck::lora_dropout_down_joined_backward", mutates_args=())
+def dropout_down_joined_backward(
+    x: torch.Tensor, lora_as: list[torch.Tensor], seeds: list[torch.Tensor], bases: list[torch.Tensor], p: float,
+    scaling: float,
+) -> list[torch.Tensor]:
+    """x's gradient and each A's for dropout_down_joined, given each branch's [x's gradient share | h's gradients].
+
+    bases[i] is the gradient of branch i's output times its rows of the shared matrix: x's gradient through the
+    base weight in its first columns, h_i's gradient at h_i's columns. The kernel adds the bases' shares to what
+    it computes, so that x's gradient is written once, not once per branch and once more for their sum.
+    """
+    rows = x.reshape(-1, x.shape[-1])
+    rank = lora_as[0].shape[0]
+    grad_hs = [base[:, rows.shape[1] + index * rank :] for index, base in enumerate(bases)]
+    grad_x, grad_as = _up(rows, lora_as, seeds, grad_hs, p, scaling, bases)
+    return [grad_x.view(x.shape), *grad_as]
 
 
 def mask(seed, rows, columns, p):
@@ -226,7 +386,8 @@ class SharedInput:
     [x | h_q | h_k | h_v] times it gives every output with its branch added, and in the backward each output's
     gradient times its rows of the matrix gives x's gradient (the bases' share) and the h's together. The bases'
     weights become views of the matrix, so it takes no more memory; StepInputs copies the B's into it at the
-    start of each step.
+    start of each step. The h's come from one dropout kernel that reads x once for all the branches and writes
+    [x | h...] itself; its backward reads x once more and writes x's whole gradient, the bases' shares added.
 
     The first member called computes all the outputs and leaves the others theirs, which they take if their
     x is that x.
@@ -234,14 +395,14 @@ class SharedInput:
 
     def __init__(self, members, adapter, dtype):
         self.members, self.adapter = members, adapter
+        self.p, self.scaling = members[0].lora_dropout[adapter].p, members[0].scaling[adapter]
         bases = [member.base_layer.weight for member in members]
-        ranks = [member.lora_A[adapter].weight.shape[0] for member in members]
-        in_features = members[0].in_features
+        rank, in_features = members[0].lora_A[adapter].weight.shape
         self.weight = torch.zeros(
-            sum(base.shape[0] for base in bases), in_features + sum(ranks), dtype=dtype, device=bases[0].device
+            sum(base.shape[0] for base in bases), in_features + len(members) * rank, dtype=dtype, device=bases[0].device
         )
         self.b_blocks, first_row, first_column = [], 0, in_features
-        for base, rank in zip(bases, ranks):
+        for base in bases:
             rows = slice(first_row, first_row + base.shape[0])
             self.weight[rows, :in_features] = base.detach()
             base.data = self.weight[rows, :in_features]
@@ -252,12 +413,17 @@ class SharedInput:
 
     @staticmethod
     def groupable(members, dtype):
-        """Whether these linears can share a matmul: one adapter with step inputs, no bias, the step's dtype."""
+        """Whether these linears can share a matmul: one adapter with step inputs and the same LoRA settings,
+        no bias, the step's dtype, no more than one kernel call's branches."""
         adapters = {tuple(member.lora_A) for member in members} | {tuple(member.half_copies) for member in members}
-        return (
-            len(adapters) == 1 and len(adapters.pop()) == 1
-            and len({member.in_features for member in members}) == 1
-            and all(member.base_layer.bias is None and member.base_layer.weight.dtype == dtype for member in members)
+        if len(adapters) != 1 or len(adapter := adapters.pop()) != 1 or len(members) > MAX_BRANCHES:
+            return False
+        settings = {
+            (member.lora_A[adapter[0]].weight.shape, member.lora_dropout[adapter[0]].p, member.scaling[adapter[0]])
+            for member in members
+        }
+        return len(settings) == 1 and all(
+            member.base_layer.bias is None and member.base_layer.weight.dtype == dtype for member in members
         )
 
     def __call__(self, member, x):
@@ -265,13 +431,11 @@ class SharedInput:
         member.shared_output = None
         if shared_output is not None and shared_output[0] is x:
             return shared_output[1]
-        branches, b_stand_ins = [], []
-        for other in self.members:
-            lora_a, lora_b = other.half_copies[self.adapter]
-            p, scaling = other.lora_dropout[self.adapter].p, other.scaling[self.adapter]
-            branches.append(dropout_down(x, lora_a, other.dropout_seed, p, scaling))
-            b_stand_ins.append(lora_b)
-        outputs = _SharedInputLinear.apply(x, self.weight, len(branches), *branches, *b_stand_ins)
+        lora_as, b_stand_ins = zip(*(other.half_copies[self.adapter] for other in self.members))
+        seeds = [other.dropout_seed for other in self.members]
+        outputs = _SharedInputLinear.apply(
+            x, self.weight, self.p, self.scaling, len(self.members), *lora_as, *seeds, *b_stand_ins
+        )
         for other, output in zip(self.members, outputs):
             if other is not member:
                 other.shared_output = (x, output)
@@ -279,8 +443,8 @@ class SharedInput:
 
 
 class _SharedInputLinear(torch.autograd.Function):
-    """[x | h_1 | ... | h_n] times SharedInput's matrix, each member's output apart; the gradients of x and the h's,
-    and of each B through its stand-in.
+    """[x | h_1 | ... | h_n] times SharedInput's matrix, each member's output apart, the h's from dropout_down_joined;
+    the gradients of x, of each A and of each B through its stand-in.
 
     The outputs are returned apart so that their gradients come back apart: autograd would otherwise join them
     into one tensor first, and for q, k and v (three layouts, RoPE's backward among them) torch.compile's kernel
@@ -290,25 +454,27 @@ class _SharedInputLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, count, *branches_and_b_stand_ins):
-        branches, b_stand_ins = branches_and_b_stand_ins[:count], branches_and_b_stand_ins[count:]
-        # Only the h's are kept for the backward (B's gradients), not [x | h...]: x is kept by the dropout kernel already.
-        ctx.save_for_backward(weight, *branches)
-        ctx.widths, ctx.ranks = [b.shape[0] for b in b_stand_ins], [b.shape[1] for b in b_stand_ins]
-        return (torch.cat([x, *branches], dim=-1) @ weight.t()).split(ctx.widths, dim=-1)
+    def forward(ctx, x, weight, p, scaling, count, *per_member):
+        lora_as, seeds, b_stand_ins = (per_member[index * count : (index + 1) * count] for index in range(3))
+        joined, h = dropout_down_joined(x, list(lora_as), list(seeds), p, scaling)
+        # x is kept rather than [x | h...], which is as large and would be kept besides.
+        ctx.save_for_backward(x, weight, h, *lora_as, *seeds)
+        ctx.p, ctx.scaling, ctx.count = p, scaling, count
+        ctx.widths = [b.shape[0] for b in b_stand_ins]
+        return (joined @ weight.t()).unflatten(0, x.shape[:-1]).split(ctx.widths, dim=-1)
 
     @staticmethod
     def backward(ctx, *grad_outputs):
-        weight, *branches = ctx.saved_tensors
-        grad_inputs = sum(
+        x, weight, h, *lora_as_and_seeds = ctx.saved_tensors
+        lora_as, seeds = lora_as_and_seeds[: ctx.count], lora_as_and_seeds[ctx.count :]
+        grad_outputs = [grad_output.flatten(0, -2) for grad_output in grad_outputs]
+        bases = [
             grad_output @ weight[first_row : first_row + width]
             for grad_output, first_row, width in zip(grad_outputs, itertools.accumulate([0, *ctx.widths]), ctx.widths)
-        )
-        grad_x, *grad_branches = grad_inputs.split([weight.shape[1] - sum(ctx.ranks), *ctx.ranks], dim=-1)
-        grad_bs = [
-            grad_output.flatten(0, -2).t() @ branch.flatten(0, -2) for grad_output, branch in zip(grad_outputs, branches)
         ]
-        return grad_x, None, None, *grad_branches, *grad_bs
+        grad_x, *grad_as = dropout_down_joined_backward(x, lora_as, seeds, bases, ctx.p, ctx.scaling)
+        grad_bs = [grad_output.t() @ branch for grad_output, branch in zip(grad_outputs, h)]
+        return grad_x, None, None, None, None, *grad_as, *[None] * ctx.count, *grad_bs
 
 
 def use_dropout_kernel(model):
