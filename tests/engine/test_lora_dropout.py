@@ -218,6 +218,31 @@ def test_linears_that_read_the_same_input_share_a_matmul_and_compute_the_same_st
 
 
 @pytest.mark.parametrize(
+    "patterns, grouped",
+    [
+        ({}, {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}),
+        ({"rank_pattern": {"k_proj": 4}}, {"gate_proj", "up_proj"}),
+        ({"alpha_pattern": {"up_proj": 8}}, {"q_proj", "k_proj", "v_proj"}),
+    ],
+    ids=["one setting", "k's own rank", "up's own alpha"],
+)
+def test_only_linears_with_the_same_lora_settings_share_a_matmul(patterns, grouped, tiny_llama_path):
+    """One dropout call computes a group's branches with one rank, dropout and scaling; others keep a matmul each."""
+    from transformers import AutoModelForCausalLM
+
+    from workers.training import lora_dropout
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_path)
+    config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules="all-linear", **patterns)
+    model = peft.get_peft_model(base, config)
+    assert lora_dropout.use_dropout_kernel(model) == 7 * base.config.num_hidden_layers
+    inputs = lora_dropout.StepInputs(model, torch.float32)
+    assert len(inputs.b_blocks) == len(grouped) * base.config.num_hidden_layers
+    shared = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if getattr(module, "shared_input", None)}
+    assert shared == grouped
+
+
+@pytest.mark.parametrize(
     "options, routed_per_layer",
     [({"lora_dropout": 0.05}, 7), ({"lora_dropout": 0.0}, 0), ({"lora_dropout": 0.05, "use_dora": True}, 0)],
     ids=["lora", "no dropout", "dora"],

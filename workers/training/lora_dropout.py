@@ -9,7 +9,8 @@ again from the step's seed instead of keeping it. One Philox draw gives eight 16
 eight mask entries (a drop chance of p rounded to 1/65536). The kernel also applies LoRA's scaling,
 to h rather than to B's product. lora_B, the saved adapter and everything peft does around the
 branch are unchanged: only lora_A(dropout(x)) * scaling is computed here, as the same function of
-the same weights.
+the same weights. Linears that read the same x (SharedInput: q, k and v; gate and up) have their
+branches drawn in one call, each with its own mask, reading x once.
 
 The engine's default on a bf16 GPU for LoRA with dropout (speed.use_lora_dropout_kernel). Not yet for
 QLoRA's quantized linears, whose step recomputes each layer (gradient checkpointing) and has not been
