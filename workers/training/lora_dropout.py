@@ -73,11 +73,11 @@ def _branch_down(x, a_ptr, seed, rows, first_column, columns, drop_below, RANK: 
 
 
 @triton.jit
-def _store_h_part(h_parts_ptr, h, branch, part, parts, rows, rows_count, RANK: tl.constexpr, RANK_BLOCK: tl.constexpr):
-    ranks = tl.arange(0, RANK_BLOCK)
-    first = (branch * parts + part) * rows_count * RANK
-    tl.store(h_parts_ptr + first + rows[:, None] * RANK + ranks[None, :], h,
-             mask=(rows[:, None] < rows_count) & (ranks[None, :] < RANK))
+def _store_part(parts_ptr, value, branch, part, parts, row_ids, rows_count, column_ids, columns):
+    """A program's part of a [branches, parts, rows, columns] float32 buffer whose parts are summed after."""
+    first = (branch * parts + part) * rows_count * columns
+    tl.store(parts_ptr + first + row_ids[:, None] * columns + column_ids[None, :], value,
+             mask=(row_ids[:, None] < rows_count) & (column_ids[None, :] < columns))
 
 
 @triton.jit
@@ -89,6 +89,7 @@ def _forward_kernel(
 ):
     """h's parts for up to three branches that read the same x, each with a mask of its own; with JOIN, x copied too."""
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    ranks = tl.arange(0, RANK_BLOCK)
     part, parts = tl.program_id(1), tl.num_programs(1)
     seed0, seed1, seed2 = tl.load(seed0_ptr), tl.load(seed1_ptr), tl.load(seed2_ptr)
     h0 = tl.zeros((BLOCK_ROWS, RANK_BLOCK), dtype=tl.float32)
@@ -105,11 +106,11 @@ def _forward_kernel(
             h1 += _branch_down(x, a1_ptr, seed1, rows, first_column, columns, drop_below, RANK, RANK_BLOCK, BLOCK_ROWS, BLOCK_COLUMNS)
         if BRANCHES > 2:
             h2 += _branch_down(x, a2_ptr, seed2, rows, first_column, columns, drop_below, RANK, RANK_BLOCK, BLOCK_ROWS, BLOCK_COLUMNS)
-    _store_h_part(h_parts_ptr, h0 * keep_scale, 0, part, parts, rows, rows_count, RANK, RANK_BLOCK)
+    _store_part(h_parts_ptr, h0 * keep_scale, 0, part, parts, rows, rows_count, ranks, RANK)
     if BRANCHES > 1:
-        _store_h_part(h_parts_ptr, h1 * keep_scale, 1, part, parts, rows, rows_count, RANK, RANK_BLOCK)
+        _store_part(h_parts_ptr, h1 * keep_scale, 1, part, parts, rows, rows_count, ranks, RANK)
     if BRANCHES > 2:
-        _store_h_part(h_parts_ptr, h2 * keep_scale, 2, part, parts, rows, rows_count, RANK, RANK_BLOCK)
+        _store_part(h_parts_ptr, h2 * keep_scale, 2, part, parts, rows, rows_count, ranks, RANK)
 
 
 @triton.jit
@@ -147,14 +148,6 @@ def _load_a(a_ptr, cols, columns, RANK: tl.constexpr, RANK_BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _store_grad_a_part(grad_a_parts_ptr, grad_a, branch, part, parts, cols, columns, RANK: tl.constexpr, RANK_BLOCK: tl.constexpr):
-    ranks = tl.arange(0, RANK_BLOCK)
-    first = (branch * parts + part) * RANK * columns
-    tl.store(grad_a_parts_ptr + first + ranks[:, None] * columns + cols[None, :], grad_a,
-             mask=(ranks[:, None] < RANK) & (cols[None, :] < columns))
-
-
-@triton.jit
 def _backward_kernel(
     x_ptr, a0_ptr, a1_ptr, a2_ptr, seed0_ptr, seed1_ptr, seed2_ptr, grad_h0_ptr, grad_h1_ptr, grad_h2_ptr,
     grad_h_row_stride, base0_ptr, base1_ptr, base2_ptr, base_row_stride, grad_x_ptr, grad_a_parts_ptr,
@@ -165,6 +158,7 @@ def _backward_kernel(
     """x's gradient through up to three branches, with ADD_BASES each branch's base share added; A's gradients' parts."""
     first_column = tl.program_id(0) * BLOCK_COLUMNS
     cols = first_column + tl.arange(0, BLOCK_COLUMNS)
+    ranks = tl.arange(0, RANK_BLOCK)
     part, parts = tl.program_id(1), tl.num_programs(1)
     seed0, seed1, seed2 = tl.load(seed0_ptr), tl.load(seed1_ptr), tl.load(seed2_ptr)
     a0 = _load_a(a0_ptr, cols, columns, RANK, RANK_BLOCK)
@@ -198,11 +192,11 @@ def _backward_kernel(
             if BRANCHES > 2:
                 grad_x += tl.load(base2_ptr + rows[:, None] * base_row_stride + cols[None, :], mask=inside, other=0.0)
         tl.store(grad_x_ptr + rows[:, None] * columns + cols[None, :], grad_x.to(grad_x_ptr.dtype.element_ty), mask=inside)
-    _store_grad_a_part(grad_a_parts_ptr, grad_a0 * keep_scale, 0, part, parts, cols, columns, RANK, RANK_BLOCK)
+    _store_part(grad_a_parts_ptr, grad_a0 * keep_scale, 0, part, parts, ranks, RANK, cols, columns)
     if BRANCHES > 1:
-        _store_grad_a_part(grad_a_parts_ptr, grad_a1 * keep_scale, 1, part, parts, cols, columns, RANK, RANK_BLOCK)
+        _store_part(grad_a_parts_ptr, grad_a1 * keep_scale, 1, part, parts, ranks, RANK, cols, columns)
     if BRANCHES > 2:
-        _store_grad_a_part(grad_a_parts_ptr, grad_a2 * keep_scale, 2, part, parts, cols, columns, RANK, RANK_BLOCK)
+        _store_part(grad_a_parts_ptr, grad_a2 * keep_scale, 2, part, parts, ranks, RANK, cols, columns)
 
 
 def _drop_below(p):
